@@ -1,0 +1,136 @@
+"""Pieces every input attack shares: input checks, losses, projections, initializations, and the jit wrapper.
+
+Attacks take ``logits_fn: x -> logits``. Pass a ``jax.tree_util.Partial`` (see :func:`robust_flat.models.bind`) to
+keep the weights as traced leaves, so new weights do not recompile the attack; any other hashable callable is
+treated as a static argument.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robust_flat import xla
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_inputs(x, eps: float | None = None, name: str = "attack") -> None:
+    """Raise ``ValueError`` unless ``x`` lies in [0, 1] (checked only on concrete arrays) and ``eps > 0``."""
+    if eps is not None and not (eps > 0):
+        raise ValueError(f"{name}: eps must be > 0, got {eps}")
+    if _is_concrete(x):
+        arr = np.asarray(x)
+        if arr.size and not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name}: inputs contain NaN or inf")
+        if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
+            raise ValueError(f"{name}: inputs must lie in [0, 1], got range [{arr.min():.4g}, {arr.max():.4g}]; "
+                             "scale images to [0, 1] and normalize inside the model")
+
+
+def jit_attack(fn: Callable) -> Callable:
+    """jit ``fn(logits_fn, x, y, key, config)`` (via :func:`robust_flat.xla.jit`) with ``config`` static and checked inputs.
+
+    ``logits_fn`` is traced when it is a ``jax.tree_util.Partial`` and static otherwise.
+    """
+    dynamic = xla.jit(fn, static_argnames=("config",))
+    static = xla.jit(fn, static_argnames=("logits_fn", "config"))
+
+    @functools.wraps(fn)
+    def wrapper(logits_fn, x, y, key, config):
+        check_inputs(x, getattr(config, "eps", None), fn.__name__)
+        if isinstance(logits_fn, jax.tree_util.Partial):
+            return dynamic(logits_fn, x, y, key, config=config)
+        return static(logits_fn, x, y, key, config=config)
+
+    wrapper.raw = fn  # the un-jitted function, for use inside other traced code
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def cross_entropy(logits, y):
+    """Per-example cross-entropy with integer labels."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.take_along_axis(logp, y[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+def kl_from_clean(logits, clean_logits):
+    """Per-example KL(softmax(clean) || softmax(logits)); TRADES' attack objective (``y`` = clean logits)."""
+    p = jax.nn.softmax(clean_logits.astype(jnp.float32))
+    return jnp.sum(p * (jax.nn.log_softmax(clean_logits.astype(jnp.float32))
+                        - jax.nn.log_softmax(logits.astype(jnp.float32))), axis=-1)
+
+
+def dlr_loss(logits, y):
+    """Untargeted difference-of-logits-ratio loss (Croce & Hein 2020); larger is more adversarial."""
+    logits = logits.astype(jnp.float32)
+    srt = jnp.sort(logits, axis=1)
+    z_y = jnp.take_along_axis(logits, y[:, None].astype(jnp.int32), axis=1)[:, 0]
+    top_is_y = jnp.argmax(logits, axis=1) == y
+    other = jnp.where(top_is_y, srt[:, -2], srt[:, -1])
+    return -(z_y - other) / (srt[:, -1] - srt[:, -3] + 1e-12)
+
+
+LOSSES: dict[str, Callable] = {"ce": cross_entropy, "kl": kl_from_clean, "dlr": dlr_loss}
+
+
+def get_loss(loss) -> Callable:
+    if callable(loss):
+        return loss
+    try:
+        return LOSSES[loss]
+    except KeyError:
+        raise ValueError(f"unknown attack loss {loss!r}; choose one of {', '.join(LOSSES)} or pass a callable") from None
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+def _per_example_norm(v, norm: str):
+    flat = v.reshape(v.shape[0], -1)
+    if norm == "linf":
+        return jnp.max(jnp.abs(flat), axis=1)
+    if norm == "l2":
+        return jnp.sqrt(jnp.sum(flat * flat, axis=1))
+    raise ValueError(f"unknown norm {norm!r}; choose linf or l2")
+
+
+def _bcast(v, like):
+    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def project(delta, x, eps: float, norm: str):
+    """Box [0, 1] for ``x + delta`` first, then the eps-ball (the paper's order; the result satisfies both)."""
+    delta = jnp.clip(delta, -x, 1.0 - x)
+    if norm == "linf":
+        return jnp.clip(delta, -eps, eps)
+    n = _per_example_norm(delta, "l2")
+    return delta * _bcast(jnp.minimum(1.0, eps / jnp.maximum(n, 1e-12)), delta)
+
+
+def normalize_gradient(g, norm: str):
+    """Steepest-ascent direction for the norm: sign for L-inf, unit L2 per example for L2."""
+    if norm == "linf":
+        return jnp.sign(g)
+    return g / _bcast(jnp.maximum(_per_example_norm(g, "l2"), 1e-12), g)
+
+
+def init_delta(key, x, eps: float, norm: str, kind: str):
+    """Random start. ``uniform_norm`` (paper/code): eps * u * g / ||g|| with g ~ N(0, I), u ~ U[0, 1] per example;
+    ``uniform``: U[-eps, eps]^D for L-inf (Madry et al.), uniform in the ball for L2; ``zero``: no random start."""
+    if kind == "zero":
+        return jnp.zeros_like(x)
+    kg, ku = jax.random.split(key)
+    if kind == "uniform" and norm == "linf":
+        return jax.random.uniform(kg, x.shape, x.dtype, -eps, eps)
+    g = jax.random.normal(kg, x.shape, x.dtype)
+    g = g / _bcast(jnp.maximum(_per_example_norm(g, norm), 1e-12), g)
+    u = jax.random.uniform(ku, (x.shape[0],), x.dtype)
+    if kind == "uniform":  # uniform in the L2 ball volume
+        u = u ** (1.0 / np.prod(x.shape[1:]))
+    elif kind != "uniform_norm":
+        raise ValueError(f"unknown initialization {kind!r}; choose uniform_norm, uniform or zero")
+    return eps * _bcast(u, x) * g

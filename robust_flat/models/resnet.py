@@ -1,0 +1,68 @@
+"""ResNet-18 for CIFAR as in the paper (`C:models/resnet.py`, `resnet_block.py`).
+
+3x3 stem conv (stride 1, with bias) -> norm -> act; four stages of BasicBlocks [2,2,2,2] with 64/128/256/512
+channels and strides 1/2/2/2; 1x1 shortcut conv (with bias) + norm when the shape changes; global average pool;
+linear ``logits``. No max-pool. Input clamp + whitening inside the model, re-parameterized BN (scale 1 + gamma).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from robust_flat.models.layers import Whiten, conv_init, dense_init, get_activation, make_norm
+
+
+class BasicBlock(nn.Module):
+    channels: int
+    stride: int
+    activation: str = "relu"
+    norm: str = "rebn"
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        act = get_activation(self.activation)
+        out = nn.Conv(self.channels, (3, 3), (self.stride, self.stride), padding=1, use_bias=False,
+                      kernel_init=conv_init, name="conv1")(x)
+        out = act(make_norm(self.norm, "norm1")(out, train))
+        out = nn.Conv(self.channels, (3, 3), padding=1, use_bias=False, kernel_init=conv_init, name="conv2")(out)
+        if self.dropout > 0:
+            # Paper/code: Dropout(p=0.1) before the second norm of each block.
+            out = nn.Dropout(self.dropout, deterministic=not train)(out)
+        out = make_norm(self.norm, "norm2")(out, train)
+        if self.stride != 1 or x.shape[-1] != self.channels:
+            x = nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=True, kernel_init=conv_init,
+                        name="shortcut_conv")(x)
+            x = make_norm(self.norm, "shortcut_norm")(x, train)
+        return act(out + x)
+
+
+class ResNet(nn.Module):
+    num_classes: int = 10
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    width: int = 64
+    activation: str = "relu"
+    norm: str = "rebn"
+    dropout: float = 0.0
+    whiten: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        act = get_activation(self.activation)
+        if self.whiten:
+            x = Whiten(name="whiten")(x)
+        x = nn.Conv(self.width, (3, 3), padding=1, use_bias=True, kernel_init=conv_init, name="conv1")(x)
+        x = act(make_norm(self.norm, "norm1")(x, train))
+        for i, blocks in enumerate(self.stage_sizes):
+            for j in range(blocks):
+                stride = 2 if (i > 0 and j == 0) else 1
+                x = BasicBlock(self.width * 2 ** i, stride, self.activation, self.norm, self.dropout,
+                               name=f"stage{i + 1}_block{j}")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, kernel_init=dense_init, name="logits")(x)
+
+
+def resnet18(**kwargs) -> ResNet:
+    return ResNet(stage_sizes=(2, 2, 2, 2), **kwargs)
