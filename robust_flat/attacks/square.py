@@ -1,0 +1,320 @@
+"""Square Attack (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020): score-based random search, L-inf and L2.
+
+Semantics follow AutoAttack's PyTorch code (`fra31/auto-attack:autoattack/square.py`); AutoAttack "standard" runs it
+untargeted with the margin loss, 5000 queries, ``p_init = 0.8`` and 1 restart.
+
+* Start (L-inf): vertical stripes, ``x + eps * s`` with one random sign per (column, channel), clipped to [0, 1].
+  Start (L2): a grid of ``h // 5``-sized blocks, each holding the two-lobed "eta" pattern with a random sign per
+  channel, rescaled to L2 norm eps, clipped to [0, 1].
+* Query ``i`` (``i = 0 .. n_queries - 1``): the square side is ``s = round(sqrt(p(i) * h * w))``, with the
+  original's piecewise schedule ``p(i)`` (``p_init`` halved at 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 on
+  the 10000-query scale; ``rescale_schedule`` maps ``n_queries`` onto it). L-inf: s >= 1; the window gets
+  ``+-2 eps`` per channel and is projected back onto the ball and the box. L2: s >= 3 and odd; the window's mass
+  is redrawn from ``eta(s)`` plus the old window content, a second window is zeroed, and the whole perturbation is
+  rescaled to norm eps.
+* A candidate replaces the current point when it lowers the loss, or when it misclassifies; the loss itself is only
+  ever lowered, so it is monotone in the number of queries (see :func:`square_trace`). Points stop being updated
+  once their margin is <= 0. The loop is a ``lax.while_loop`` that ends early once every point is fooled.
+* Only points classified correctly at the start are attacked. Points that stay robust come back unchanged, as in
+  the original.
+
+Window positions follow the original, ``floor(u * (h - s))`` with ``u ~ U[0, 1)``: the window never touches the last
+row or column unless ``s = h``. Difference from the PyTorch code: per query it draws ONE window position and eta
+orientation, and for L-inf one sign pattern, for the whole batch. Here they are drawn per example by default, as
+in the paper's reference implementation (`max-andr/square-attack`). The distribution for each single example is the
+same, so robust accuracy agrees in expectation. ``shared_window=True`` restores the batch-shared draws. The L2
+signs and both initializations are per example in the PyTorch code as well. Masks are built by comparing iotas with
+the per-example window corners, not by dynamic slicing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from robust_flat.attacks.common import cross_entropy, jit_attack
+
+_NORMS = ("linf", "l2")
+_LOSSES = ("margin", "ce")
+
+
+@dataclasses.dataclass(frozen=True)
+class SquareConfig:
+    """Defaults are Square as AutoAttack "standard" runs it: L-inf eps 8/255, 5000 queries, p_init 0.8, 1 restart.
+
+    ``loss``: ``"margin"`` (AutoAttack, ``z_y - max_{k != y} z_k``) or ``"ce"`` (minimizes ``-CE``).
+    ``rescale_schedule``: map the p schedule onto ``n_queries`` (original default True).
+    ``shared_window``: one window and sign pattern per query for the whole batch, as AutoAttack's PyTorch code does.
+    """
+
+    eps: float = 8 / 255
+    norm: str = "linf"
+    n_queries: int = 5000
+    p_init: float = 0.8
+    n_restarts: int = 1
+    loss: str = "margin"
+    rescale_schedule: bool = True
+    shared_window: bool = False
+
+    def __post_init__(self):
+        if not self.eps > 0:
+            raise ValueError(f"Square eps must be > 0, got {self.eps}")
+        if self.norm not in _NORMS:
+            raise ValueError(f"Square norm must be linf or l2, got {self.norm!r}")
+        if self.loss not in _LOSSES:
+            raise ValueError(f"Square loss must be margin or ce, got {self.loss!r}")
+        if self.n_queries < 0 or self.n_restarts < 1:
+            raise ValueError(f"Square needs n_queries >= 0 and n_restarts >= 1, got {self.n_queries}, "
+                             f"{self.n_restarts}")
+        if not 0.0 < self.p_init <= 1.0:
+            raise ValueError(f"Square p_init must lie in (0, 1], got {self.p_init}")
+
+
+# ------------------------------------------------------------------------------------------ static schedule
+_P_BOUNDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def p_schedule(i: int, n_queries: int, p_init: float, rescale: bool = True) -> float:
+    """The fraction ``p`` of pixels changed at query ``i`` (the original's ``p_selection``)."""
+    it = int(i / n_queries * 10000) if rescale else i
+    halvings = sum(it > bound for bound in _P_BOUNDS)
+    return p_init / 2 ** halvings
+
+
+def square_sizes(n_queries: int, p_init: float, h: int, w: int, norm: str, rescale: bool = True) -> np.ndarray:
+    """Square side per query (int32 [n_queries]); computed at trace time, so the schedule is exact."""
+    sizes = np.empty(max(n_queries, 0), np.int32)
+    for i in range(n_queries):
+        s = int(round(math.sqrt(p_schedule(i, n_queries, p_init, rescale) * h * w)))
+        if norm == "linf":
+            s = max(s, 1)
+        else:
+            s = max(s, 3)
+            s += 1 - s % 2  # odd
+        sizes[i] = min(s, h, w)
+    return sizes
+
+
+def _eta_rectangle(rows: int, cols: int) -> np.ndarray:
+    """Nested rectangles around the centre, weight 1 / (k + 1)^2 for ring ``k``, unit L2 norm."""
+    if rows == 0:
+        return np.zeros((0, cols), np.float64)
+    ci, cj = rows // 2, cols // 2
+    rings = max(rows // 2 + 1, cols // 2 + 1)
+    dist = np.maximum(np.abs(np.arange(rows)[:, None] - ci), np.abs(np.arange(cols)[None, :] - cj))
+    tail = np.cumsum((1.0 / (np.arange(rings) + 1.0) ** 2)[::-1])[::-1]  # tail[d] = sum_{k >= d} 1 / (k + 1)^2
+    out = tail[dist]
+    return out / np.sqrt(np.sum(out ** 2))
+
+
+def eta_pattern(s: int) -> np.ndarray:
+    """The L2 window pattern of side ``s``: a positive upper and a negative lower lobe, unit L2 norm (untransposed)."""
+    out = np.concatenate([_eta_rectangle(s // 2, s), -_eta_rectangle(s - s // 2, s)], axis=0)
+    return out / np.sqrt(np.sum(out ** 2))
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _margin_and_loss(logits, y, loss: str):
+    logits = logits.astype(jnp.float32)
+    onehot = jax.nn.one_hot(y, logits.shape[1], dtype=bool)
+    z_y = jnp.sum(jnp.where(onehot, logits, 0.0), axis=1)
+    z_other = jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=1)
+    margin = z_y - z_other
+    if loss == "margin":
+        return margin, margin
+    return margin, -cross_entropy(logits, y)
+
+
+def _bcast(v, like):
+    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _corners(key, n: int, h: int, w: int, s):
+    """Window corners ``floor(u * (dim - s))`` per example ([n] int32 each)."""
+    ku, kv = jax.random.split(key)
+    vh = jnp.floor(jax.random.uniform(ku, (n,)) * (h - s)).astype(jnp.int32)
+    vw = jnp.floor(jax.random.uniform(kv, (n,)) * (w - s)).astype(jnp.int32)
+    return vh, vw
+
+
+def _window(vh, vw, s, h: int, w: int):
+    """[n, h, w, 1] boolean masks of the s x s windows at (vh, vw), from iota comparisons."""
+    rows = lax.broadcasted_iota(jnp.int32, (1, h, w, 1), 1)
+    cols = lax.broadcasted_iota(jnp.int32, (1, h, w, 1), 2)
+    vh, vw = vh[:, None, None, None], vw[:, None, None, None]
+    return (rows >= vh) & (rows < vh + s) & (cols >= vw) & (cols < vw + s)
+
+
+def _l2_norm(v, axes):
+    return jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True))
+
+
+# ------------------------------------------------------------------------------------------ initializations
+def _init_linf(key, x, eps):
+    n, _, w, c = x.shape
+    stripes = jax.random.rademacher(key, (n, 1, w, c), x.dtype)
+    return jnp.clip(x + eps * stripes, 0.0, 1.0)
+
+
+def _init_l2(key, x, eps, draws):
+    n, h, w, c = x.shape
+    s = h // 5
+    if s < 1:
+        raise ValueError(f"square: L2 initialization needs images of height >= 5, got {h}")
+    start = (h - 5 * s) // 2
+    pattern = jnp.asarray(eta_pattern(s), x.dtype)
+    delta = jnp.zeros_like(x)
+    k_sign, k_flip = jax.random.split(key)
+    block = 0
+    for bi in range(h // s):
+        for bj in range(w // s):
+            r0, c0 = start + bi * s, start + bj * s
+            r1, c1 = min(r0 + s, h), min(c0 + s, w)
+            if r0 >= h or c0 >= w:
+                continue
+            flip = jax.random.bernoulli(jax.random.fold_in(k_flip, block), 0.5, (draws, 1, 1, 1))
+            eta = jnp.where(flip, pattern.T[None, :, :, None], pattern[None, :, :, None])
+            sign = jax.random.rademacher(jax.random.fold_in(k_sign, block), (n, 1, 1, c), x.dtype)
+            delta = delta.at[:, r0:r1, c0:c1, :].add((eta * sign)[:, :r1 - r0, :c1 - c0, :])
+            block += 1
+    delta = delta / (_l2_norm(delta, (1, 2, 3)) + 1e-12)
+    return jnp.clip(x + eps * delta, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ one run
+def _run(logits_fn, x, y, attacked, key, config: SquareConfig, trace: bool):
+    """One restart on the points ``attacked``. Returns ``(x_best, margin, loss_trace or None)``."""
+    n, h, w, c = x.shape
+    eps = config.eps
+    draws = 1 if config.shared_window else n
+    sizes_np = (square_sizes(config.n_queries, config.p_init, h, w, config.norm, config.rescale_schedule)
+                if config.n_queries else np.full(1, 3, np.int32))
+    sizes = jnp.asarray(sizes_np)
+    k_init, k_loop = jax.random.split(key)
+    if config.norm == "linf":
+        x_best = _init_linf(k_init, x, eps)
+    else:
+        x_best = _init_l2(k_init, x, eps, draws)
+        distinct = sorted(set(int(s) for s in sizes_np))
+        s_max = max(distinct)
+        table = np.zeros((len(distinct), s_max, s_max), np.float32)
+        for j, s in enumerate(distinct):
+            table[j, :s, :s] = eta_pattern(s)
+        table = jnp.asarray(table)
+        stage_of_size = np.zeros(s_max + 1, np.int32)
+        stage_of_size[distinct] = np.arange(len(distinct))
+        stage_of_size = jnp.asarray(stage_of_size)
+    margin, loss = _margin_and_loss(logits_fn(x_best), y, config.loss)
+    buf = jnp.zeros((config.n_queries + 1, n) if trace else (0, n), jnp.float32)
+    if trace:
+        buf = buf.at[0].set(loss)
+
+    def candidate_linf(key, x_best, s):
+        k_pos, k_sign = jax.random.split(key)
+        vh, vw = _corners(k_pos, draws, h, w, s)
+        mask = _window(vh, vw, s, h, w)
+        sign = jax.random.rademacher(k_sign, (draws, 1, 1, c), x.dtype)
+        x_new = x_best + jnp.where(mask, 2.0 * eps * sign, 0.0)
+        return jnp.clip(jnp.clip(x_new, x - eps, x + eps), 0.0, 1.0)
+
+    def candidate_l2(key, x_best, s):
+        k_pos1, k_pos2, k_sign, k_flip = jax.random.split(key, 4)
+        vh1, vw1 = _corners(k_pos1, draws, h, w, s)
+        vh2, vw2 = _corners(k_pos2, draws, h, w, s)
+        m1 = _window(vh1, vw1, s, h, w)
+        m2 = _window(vh2, vw2, s, h, w)
+        delta = x_best - x
+        norm_w1 = _l2_norm(jnp.where(m1, delta, 0.0), (1, 2))  # per channel
+        norm_img = _l2_norm(delta, (1, 2, 3))
+        norm_ws = _l2_norm(jnp.where(m1 | m2, delta, 0.0), (1, 2))
+        # eta(s), optionally transposed, placed at window 1: a gather from the padded table at (row - vh, col - vw)
+        pattern = table[stage_of_size[s]]
+        flip = jax.random.bernoulli(k_flip, 0.5, (draws, 1, 1))
+        pattern = jnp.where(flip, pattern.T[None], pattern[None])  # [draws, s_max, s_max]
+        rows = jnp.clip(jnp.arange(h)[None, :, None] - vh1[:, None, None], 0, pattern.shape[1] - 1)
+        cols = jnp.clip(jnp.arange(w)[None, None, :] - vw1[:, None, None], 0, pattern.shape[2] - 1)
+        placed = pattern[jnp.arange(draws)[:, None, None], rows, cols][..., None]  # [draws, h, w, 1]
+        sign = jax.random.rademacher(k_sign, (n, 1, 1, c), x.dtype)
+        new = jnp.where(m1, placed * sign + delta / (1e-12 + norm_w1), 0.0)
+        budget = jnp.sqrt(jnp.maximum(eps ** 2 - norm_img ** 2, 0.0) / c + norm_ws ** 2)
+        new = new / (1e-12 + _l2_norm(new, (1, 2))) * budget
+        delta = jnp.where(m1, new, jnp.where(m2, 0.0, delta))
+        return jnp.clip(x + eps * delta / (_l2_norm(delta, (1, 2, 3)) + 1e-12), 0.0, 1.0)
+
+    candidate = candidate_linf if config.norm == "linf" else candidate_l2
+
+    def cond(state):
+        i, _, margin, _, _ = state
+        return (i < config.n_queries) & jnp.any(attacked & (margin > 0))
+
+    def body(state):
+        i, x_best, margin, loss, buf = state
+        active = attacked & (margin > 0)
+        x_new = candidate(jax.random.fold_in(k_loop, i), x_best, sizes[i])
+        new_margin, new_loss = _margin_and_loss(logits_fn(x_new), y, config.loss)
+        improved = active & (new_loss < loss)
+        loss = jnp.where(improved, new_loss, loss)
+        accept = improved | (active & (new_margin <= 0))
+        margin = jnp.where(accept, new_margin, margin)
+        x_best = jnp.where(_bcast(accept, x), x_new, x_best)
+        if trace:
+            buf = buf.at[i + 1].set(loss)
+        return i + 1, x_best, margin, loss, buf
+
+    state = (jnp.asarray(0, jnp.int32), x_best, margin, loss, buf)
+    i, x_best, margin, loss, buf = lax.while_loop(cond, body, state)
+    if trace:  # queries skipped by the early exit keep the final loss
+        buf = jnp.where(jnp.arange(config.n_queries + 1)[:, None] > i, loss[None], buf)
+    return x_best, margin, buf
+
+
+def _square_impl(logits_fn, x, y, key, config: SquareConfig, trace: bool):
+    x = jnp.asarray(x, jnp.float32)
+    y = jnp.asarray(y)
+    if x.ndim != 4 or y.shape != (x.shape[0],):
+        raise ValueError(f"square: need images x [N, H, W, C] and labels y [N], got shapes {x.shape} and {y.shape}")
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(f"square: labels must be integers, got dtype {y.dtype}")
+    y = y.astype(jnp.int32)
+    logits = logits_fn(x)
+    if logits.ndim != 2 or logits.shape[0] != x.shape[0] or logits.shape[1] < 2:
+        raise ValueError(f"square: logits_fn must return [N, K >= 2] logits, got shape {logits.shape}")
+    robust = jnp.argmax(logits, axis=1) == y
+    x_adv = x
+    traces = []
+    for restart in range(config.n_restarts):
+        x_best, _, buf = _run(logits_fn, x, y, robust, jax.random.fold_in(key, restart), config, trace)
+        fooled = robust & (jnp.argmax(logits_fn(x_best), axis=1) != y)
+        x_adv = jnp.where(_bcast(fooled, x), x_best, x_adv)
+        robust = robust & ~fooled
+        traces.append(buf)
+    x_adv = lax.stop_gradient(x_adv)
+    if trace:
+        return x_adv, jnp.stack(traces)
+    return x_adv
+
+
+def _square(logits_fn, x, y, key, config: SquareConfig):
+    return _square_impl(logits_fn, x, y, key, config, trace=False)
+
+
+def _square_trace(logits_fn, x, y, key, config: SquareConfig):
+    return _square_impl(logits_fn, x, y, key, config, trace=True)
+
+
+square = jit_attack(_square)
+square.__doc__ = """``square(logits_fn, x, y, key, config) -> x_adv`` (jitted; see :class:`SquareConfig` and the module docstring).
+
+Images are NHWC in [0, 1]. Points that stay robust come back unchanged. ``square.raw`` is the un-jitted function."""
+
+square_trace = jit_attack(_square_trace)
+square_trace.__doc__ = """``square_trace(logits_fn, x, y, key, config) -> (x_adv, losses)``: :func:`square` plus the accepted loss of every
+point after each query, ``losses`` [n_restarts, n_queries + 1, N] (row 0: the initialization). Same randomness as
+:func:`square`, so ``x_adv`` is identical. Each restart's trace only covers the points it attacks; the others keep
+their initial value."""
+
+__all__ = ["SquareConfig", "square", "square_trace", "p_schedule", "square_sizes", "eta_pattern"]
