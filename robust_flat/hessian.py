@@ -62,45 +62,28 @@ def kernels_filter(path: str, leaf) -> bool:
     return np.ndim(leaf) >= 2
 
 
-def _paper_layers_filter(path: str, leaf) -> bool:
-    """The paper's flatness layer set: conv/dense kernels and biases, no normalization parameters.
-
-    Private stand-in used only when :mod:`robust_flat.weights` does not provide a default layer filter.
-    """
-    name = path.rsplit(SEP, 1)[-1]
-    return name in ("kernel", "bias") and "norm" not in path and "whiten" not in path
-
-
-def _weights_default_filter() -> Callable:
-    try:  # lazy: robust_flat.weights is written concurrently; use its definition of the paper's layer set
-        from robust_flat import weights
-    except ImportError:
-        return _paper_layers_filter
-    for name in ("default_layer_filter", "paper_layer_filter", "DEFAULT_FILTER"):
-        fn = getattr(weights, name, None)
-        if callable(fn):
-            return fn
-    return _paper_layers_filter
-
-
 def resolve_filter(select) -> Callable[[str, Any], bool]:
     """A ``(path, leaf) -> bool`` predicate from ``select``.
 
     ``None`` or ``"kernels"``: tensors with >= 2 dims (the code's Hessian default); ``"layers"``: the paper's
-    flatness layer set (kernels and biases, no BN; from :mod:`robust_flat.weights` when available); a string or a
-    sequence of strings: regular expressions, a parameter is selected if any matches its path (``re.search``);
-    a callable ``(path, leaf) -> bool``: used as is.
+    flatness layer set (:class:`robust_flat.weights.LayerSelection` defaults: kernels and biases, no BN); a
+    ``LayerSelection``: its path patterns; a string or a sequence of strings: regular expressions, a parameter is
+    selected if any matches its path (``re.search``); a callable ``(path, leaf) -> bool``: used as is.
     """
     if select is None or select == "kernels":
         return kernels_filter
-    if select == "layers":
-        return _weights_default_filter()
+    if isinstance(select, str) and select == "layers":
+        from robust_flat.weights import LayerSelection  # lazy: keeps this module importable on its own
+
+        select = LayerSelection()
+    if hasattr(select, "matches") and hasattr(select, "include"):  # a robust_flat.weights.LayerSelection
+        return lambda path, leaf: bool(jnp.issubdtype(leaf.dtype, jnp.inexact) and select.matches(path))
     if callable(select):
         return select
     patterns = (select,) if isinstance(select, str) else tuple(select)
     if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise ValueError(f"select must be None, 'kernels', 'layers', a regex, a sequence of regexes or a callable; "
-                         f"got {select!r}")
+        raise ValueError(f"select must be None, 'kernels', 'layers', a LayerSelection, a regex, a sequence of "
+                         f"regexes or a callable; got {select!r}")
     compiled = [re.compile(p) for p in patterns]
     return lambda path, leaf: any(c.search(path) for c in compiled)
 

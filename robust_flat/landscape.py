@@ -1,0 +1,457 @@
+"""1D curves and 2D surfaces of the robust (and clean) loss along weight-space directions (paper section 3.1,
+Fig. 1; supplement "Visualization Details"; reference doc section 1.8).
+
+At every point ``w + s * d`` (1D) or ``w + a * d1 + b * d2`` (2D) the adversarial examples are **recomputed** by PGD
+against the perturbed model (eval-mode BN), and the robust loss RLoss = mean CE at those examples is recorded
+together with the clean loss and both errors. All points of a landscape use the **same PGD key** (common random
+numbers), so only the weights change along a curve and every curve passes through the unperturbed RLoss at s = 0.
+
+Directions (pytrees with the structure of ``params``; unselected leaves -- BN, whitening -- are zero):
+
+* ``random``: a Gaussian direction, normalized per selected layer (or filter);
+* ``adversarial``: the weight perturbation found by a weight-only attack on the CE at adversarial examples computed
+  once by PGD at ``w`` (the code's recipe: ``weight_l2_gd_nonorm2_lwrl2normalized_i7_lr001_mom0_e0005_at10``, i.e.
+  xi = 0.005, 7 steps, lr 0.01, one random start per direction, PGD-10 inputs). The paper only says "adversarial
+  directions"; we return the attack's last iterate (the code returns its best-so-far state, quirk 1.5(b));
+* ``hessian``: the top eigenvector of the Hessian (:mod:`robust_flat.hessian`; default: clean CE, tensors with
+  >= 2 dims, on the same examples).
+
+Normalization (``LandscapeConfig.normalization``), then rescaling by ``scale``:
+
+* ``"layer"`` (paper eq. main-normalization): ``d_l <- scale * d_l / ||d_l|| * ||w_l||`` per layer (kernels and
+  biases separately). The paper "re-scales the weight directions to have length 0.5 for random and 0.025 for
+  adversarial directions"; we read the length as relative per layer (s = 1 is on the sphere of the relative ball
+  B_0.5(w)), which matches its reported ``||d||_2 ~ 33`` for the AT ResNet-18 (about half the weight norm), while a
+  global length 0.5 would not differ between layer- and filter-wise normalization as the paper's numbers do.
+  Hessian directions: layer-wise, times 0.5.
+* ``"filter"`` (Li et al. 2018; paper Fig. supp-visualization-li): the same per output filter of conv kernels (HWIO:
+  last axis); dense kernels and biases per tensor, as the code's filter-wise variants.
+* ``"layer_max"`` (released code, D9, ``C:common/visualization.py::weight_direction``, ``layer_l2_05`` /
+  ``layer_l2_001``): ``d_l <- d_l * scale * max|w_l| / max|d_l|``; the code uses scale 0.5 (random) and 0.01
+  (adversarial).
+* ``"none"``: ``d <- scale * d``.
+
+Paper defaults (:class:`LandscapeConfig`): 51 points in [-1, 1], mean RLoss over 10 random directions, max RLoss
+(pointwise over s) over 10 adversarial directions, one batch of 128 test examples. The code uses the last 100 test
+images (D8); ``x`` is always used as one batch, the caller picks it. The PGD at each point defaults to PGD-20
+(eps 8/255, step 0.007, one restart: the paper's RLoss attack); the code's visualization uses PGD-10.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from robust_flat import xla
+from robust_flat.attacks.common import check_inputs, cross_entropy
+from robust_flat.attacks.pgd import PGDConfig, pgd
+
+NORMALIZATIONS = ("layer", "filter", "layer_max", "none")
+KINDS = ("random", "adversarial", "hessian")
+
+
+def _default_selection():
+    from robust_flat.weights import LayerSelection
+
+    return LayerSelection()
+
+
+@dataclasses.dataclass(frozen=True)
+class LandscapeConfig:
+    """Defaults: the paper's visualization (see the module docstring for each choice and the code's variants).
+
+    ``selection``: a :class:`robust_flat.weights.LayerSelection` (None: the paper's layers). ``adversarial_xi``,
+    ``adversarial_lr``, ``adversarial_steps``, ``direction_pgd``: the attack that finds adversarial directions
+    (the code's values). ``hessian_iters``: Lanczos steps for the Hessian direction.
+    """
+
+    steps: int = 51
+    span: float = 1.0
+    surface_steps: int = 21
+    num_directions: int = 10
+    normalization: str = "layer"
+    random_scale: float = 0.5
+    adversarial_scale: float = 0.025
+    hessian_scale: float = 0.5
+    pgd: PGDConfig = PGDConfig(steps=20)
+    selection: Optional[object] = None
+    adversarial_xi: float = 0.005
+    adversarial_lr: float = 0.01
+    adversarial_steps: int = 7
+    direction_pgd: PGDConfig = PGDConfig(steps=10)
+    hessian_iters: int = 40
+
+    def __post_init__(self):
+        if self.steps < 1 or self.surface_steps < 1 or self.num_directions < 1:
+            raise ValueError(f"steps, surface_steps and num_directions must be >= 1, got {self.steps}, "
+                             f"{self.surface_steps}, {self.num_directions}")
+        if not self.span > 0:
+            raise ValueError(f"span must be > 0, got {self.span}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {self.normalization!r}; choose one of "
+                             f"{', '.join(NORMALIZATIONS)}")
+        for name in ("random_scale", "adversarial_scale", "hessian_scale", "adversarial_xi", "adversarial_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def layer_selection(self):
+        return _default_selection() if self.selection is None else self.selection
+
+    def coordinates(self, steps: Optional[int] = None) -> np.ndarray:
+        return np.linspace(-self.span, self.span, self.steps if steps is None else steps)
+
+    def scale(self, kind: str) -> float:
+        return {"random": self.random_scale, "adversarial": self.adversarial_scale,
+                "hessian": self.hessian_scale}.get(kind, 1.0)
+
+
+# -------------------------------------------------------------------------------------------------- directions
+def _neighbourhood(config: LandscapeConfig, granularity: str = "layer", xi: float = 1.0):
+    from robust_flat.weights import Neighbourhood
+
+    return Neighbourhood(xi=xi, granularity=granularity, selection=config.layer_selection)
+
+
+def _normalize(direction, params, scale, config: LandscapeConfig, mode: str):
+    from robust_flat.weights import normalize, selection_mask
+
+    if mode in ("layer", "filter"):
+        d = normalize(direction, params, _neighbourhood(config, mode))
+        return jax.tree.map(lambda leaf: (scale * leaf).astype(leaf.dtype), d)
+    mask = selection_mask(params, config.layer_selection)
+
+    def one(d, w, m):
+        if not m:
+            return jnp.zeros_like(w)
+        if mode == "none":
+            return (scale * d).astype(w.dtype)
+        dmax = jnp.max(jnp.abs(d))
+        return (d * (scale * jnp.max(jnp.abs(w)) / jnp.where(dmax > 0, dmax, 1.0))).astype(w.dtype)
+
+    return jax.tree.map(one, direction, params, mask)
+
+
+_normalize_jit = xla.jit(_normalize, static_argnames=("config", "mode"))
+
+
+def normalize_direction(direction, params, config: LandscapeConfig, scale: float, mode: Optional[str] = None):
+    """Normalize ``direction`` relative to ``params`` (``mode``: default ``config.normalization``) and rescale.
+
+    Unselected leaves become zero. A zero layer of ``direction`` stays zero."""
+    mode = config.normalization if mode is None else mode
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {mode!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    return _normalize_jit(direction, params, jnp.float32(scale), config=config, mode=mode)
+
+
+def _random_direction(key, params, scale, config: LandscapeConfig):
+    # One Gaussian draw for all leaves (a single RNG call compiles much faster than one per leaf); the
+    # normalization makes each layer's (or filter's) norm relative to the weights and zeroes unselected leaves.
+    flat, unravel = ravel_pytree(params)
+    d = unravel(jax.random.normal(key, flat.shape, flat.dtype))
+    return _normalize(d, params, scale, config, config.normalization)
+
+
+_random_direction_jit = xla.jit(_random_direction, static_argnames=("config",))
+
+
+def random_direction(key, params, config: LandscapeConfig = LandscapeConfig(), scale: Optional[float] = None):
+    """A Gaussian direction per selected layer, normalized (scale default ``config.random_scale``)."""
+    scale = config.random_scale if scale is None else scale
+    return _random_direction_jit(key, params, jnp.float32(scale), config=config)
+
+
+def adversarial_directions(logits_fn, params, model_state, x, y, key, config: LandscapeConfig = LandscapeConfig(),
+                           num: Optional[int] = None, scale: Optional[float] = None) -> list:
+    """``num`` (default ``config.num_directions``) adversarial directions: weight attacks from independent random
+    starts on the CE at adversarial examples computed once by ``config.direction_pgd`` at ``params``."""
+    from robust_flat.models import bind
+    from robust_flat.weights import WeightAttackConfig, weight_attack
+
+    num = config.num_directions if num is None else num
+    k_pgd, k_dirs = jax.random.split(key)
+    x_adv = pgd(bind(logits_fn, params, model_state), jnp.asarray(x), jnp.asarray(y), k_pgd, config.direction_pgd)
+    attack = WeightAttackConfig(neighbourhood=_neighbourhood(config, "layer", config.adversarial_xi),
+                                lr=config.adversarial_lr, steps=config.adversarial_steps, init="uniform_norm")
+    scale = config.adversarial_scale if scale is None else scale
+    out = []
+    for k in jax.random.split(k_dirs, num):
+        nu, _ = weight_attack(logits_fn, params, model_state, x_adv, jnp.asarray(y), k, attack)
+        out.append(normalize_direction(nu, params, config, scale))
+    return out
+
+
+def hessian_direction(logits_fn, params, model_state, x, y, key, config: LandscapeConfig = LandscapeConfig(),
+                      hessian_config=None, scale: Optional[float] = None):
+    """The top Hessian eigenvector (default :class:`robust_flat.hessian.HessianConfig`: clean CE, >= 2-dim
+    tensors; one batch = all of ``x``) as a direction, normalized layer-wise and scaled by ``config.hessian_scale``.
+    Returns ``(direction, lambda_max)``."""
+    from robust_flat import hessian as H
+
+    if hessian_config is None:
+        hessian_config = H.HessianConfig(batch_size=len(x))
+    op = H.HessianOperator(logits_fn, params, model_state, x, y, hessian_config, key=jax.random.fold_in(key, 1))
+    eig = H.extreme_eigenvalues(op, op.dim, key, k=1, num_iters=config.hessian_iters, vectors=True)
+    selected = op.unravel(eig.top_vectors[0])
+    rest = {k: jnp.zeros_like(v) for k, v in op.rest.items()}
+    d = H.merge_params(selected, rest)
+    d = jax.tree.map(lambda a, w: jnp.asarray(a, w.dtype), d, params)  # same container types as params
+    return normalize_direction(d, params, config, config.hessian_scale if scale is None else scale), eig.max
+
+
+def global_norm(direction) -> float:
+    """``||d||_2`` over all leaves (the paper reports ~33 layer-wise vs ~21 filter-wise for its AT ResNet-18)."""
+    return float(jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(direction))))
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def _point(logits_fn, params, model_state, d1, d2, a, b, x, y, key, pgd_config):
+    from robust_flat.models import bind
+
+    p = jax.tree.map(lambda w, u, v: w + (a * u + b * v).astype(w.dtype), params, d1, d2)
+    x_adv = pgd.raw(bind(logits_fn, p, model_state), x, y, key, pgd_config)
+    adv_logits = logits_fn(p, model_state, x_adv)
+    clean_logits = logits_fn(p, model_state, x)
+    return (jnp.mean(cross_entropy(adv_logits, y)), jnp.mean(cross_entropy(clean_logits, y)),
+            jnp.mean(jnp.argmax(adv_logits, -1) != y), jnp.mean(jnp.argmax(clean_logits, -1) != y))
+
+
+_point_jit = xla.jit(_point, static_argnames=("logits_fn", "pgd_config"))
+METRICS = ("robust_loss", "clean_loss", "robust_error", "clean_error")
+
+
+def _check(x, y, pgd_config):
+    x = jnp.asarray(x, jnp.float32)
+    y = jnp.asarray(y, jnp.int32)
+    if x.ndim != 4 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"expected x [N, H, W, C] and y [N] with N > 0, got {x.shape} and {y.shape}")
+    check_inputs(x, pgd_config.eps, "landscape")
+    return x, y
+
+
+def _zeros(params):
+    return jax.tree.map(jnp.zeros_like, params)
+
+
+def _eval(logits_fn, params, model_state, x, y, key, d1, d2, a, b, pgd_config):
+    # 1D points use d2 = 0, so curves and surfaces share one compiled function.
+    out = _point_jit(logits_fn, params, model_state, d1, d2, jnp.float32(a), jnp.float32(b), x, y, key,
+                     pgd_config=pgd_config)
+    return {m: float(v) for m, v in zip(METRICS, out)}
+
+
+def evaluate_at(logits_fn, params, model_state, x, y, key, direction1=None, a: float = 0.0, direction2=None,
+                b: float = 0.0, pgd_config: PGDConfig = PGDConfig(steps=20)) -> dict:
+    """RLoss (PGD recomputed at the point), clean loss and errors at ``params + a * direction1 + b * direction2``
+    (missing directions are zero)."""
+    x, y = _check(x, y, pgd_config)
+    zeros = _zeros(params)
+    return _eval(logits_fn, params, model_state, x, y, key, zeros if direction1 is None else direction1,
+                 zeros if direction2 is None else direction2, a, b, pgd_config)
+
+
+def loss_curve(logits_fn, params, model_state, x, y, direction, key, config: LandscapeConfig = LandscapeConfig()):
+    """Metrics at ``params + s * direction`` for ``s`` in ``config.coordinates()``; the same PGD ``key`` at every
+    point. Returns ``{"s": [...], "robust_loss": [...], "clean_loss": [...], "robust_error": [...],
+    "clean_error": [...]}``."""
+    x, y = _check(x, y, config.pgd)
+    s = config.coordinates()
+    zeros = _zeros(params)
+    out = {m: [] for m in METRICS}
+    for si in s:
+        vals = _eval(logits_fn, params, model_state, x, y, key, direction, zeros, si, 0.0, config.pgd)
+        for m in METRICS:
+            out[m].append(vals[m])
+    return {"s": s.tolist(), **out}
+
+
+def loss_surface(logits_fn, params, model_state, x, y, direction1, direction2, key,
+                 config: LandscapeConfig = LandscapeConfig()) -> dict:
+    """Metrics on the ``surface_steps x surface_steps`` grid ``params + a * d1 + b * d2`` (``a`` indexes rows);
+    the same PGD ``key`` at every point."""
+    x, y = _check(x, y, config.pgd)
+    grid = config.coordinates(config.surface_steps)
+    out = {m: np.zeros((len(grid), len(grid))) for m in METRICS}
+    for i, a in enumerate(grid):
+        for j, b in enumerate(grid):
+            vals = _eval(logits_fn, params, model_state, x, y, key, direction1, direction2, a, b, config.pgd)
+            for m in METRICS:
+                out[m][i, j] = vals[m]
+    return {"a": grid.tolist(), "b": grid.tolist(), **{m: v.tolist() for m, v in out.items()}}
+
+
+def make_directions(kind: str, logits_fn, params, model_state, x, y, key, config: LandscapeConfig,
+                    num: Optional[int] = None) -> tuple[list, dict]:
+    """``num`` directions of ``kind`` (random / adversarial / hessian; hessian gives one) and extra info."""
+    num = config.num_directions if num is None else num
+    if kind == "random":
+        return [random_direction(k, params, config) for k in jax.random.split(key, num)], {}
+    if kind == "adversarial":
+        return adversarial_directions(logits_fn, params, model_state, x, y, key, config, num), {}
+    if kind == "hessian":
+        d, lam = hessian_direction(logits_fn, params, model_state, x, y, key, config)
+        return [d], {"lambda_max": lam}
+    raise ValueError(f"unknown direction kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def landscape_1d(logits_fn, params, model_state, x, y, key, config: LandscapeConfig = LandscapeConfig(),
+                 kinds: Sequence[str] = ("random", "adversarial")) -> dict:
+    """The paper's 1D visualization: per kind, ``num_directions`` curves and their aggregate (mean for random and
+    hessian, pointwise max for adversarial). ``key`` is split into the PGD key (shared by all points) and one key
+    per kind."""
+    x, y = _check(x, y, config.pgd)
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown direction kind {kind!r}; choose one of {', '.join(KINDS)}")
+    k_pgd, k_dirs = jax.random.split(key)
+    result = {"s": config.coordinates().tolist(), "num_examples": int(x.shape[0]),
+              "unperturbed": evaluate_at(logits_fn, params, model_state, x, y, k_pgd, pgd_config=config.pgd),
+              "kinds": {}}
+    for kind, k in zip(kinds, jax.random.split(k_dirs, len(kinds))):
+        directions, info = make_directions(kind, logits_fn, params, model_state, x, y, k, config)
+        curves = [loss_curve(logits_fn, params, model_state, x, y, d, k_pgd, config) for d in directions]
+        reduce = np.max if kind == "adversarial" else np.mean
+        aggregate = {m: reduce(np.asarray([c[m] for c in curves]), axis=0).tolist() for m in METRICS}
+        result["kinds"][kind] = {
+            "aggregate": aggregate, "aggregation": "max" if kind == "adversarial" else "mean",
+            "curves": [{m: c[m] for m in METRICS} for c in curves],
+            "direction_norms": [global_norm(d) for d in directions], "scale": config.scale(kind), **info}
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_1d(result: dict, path: str, title: str = "") -> None:
+    """One panel per direction kind: each direction's RLoss (thin), the aggregate RLoss and clean loss (thick)."""
+    plt = _pyplot()
+    kinds = list(result["kinds"])
+    fig, axes = plt.subplots(1, max(len(kinds), 1), figsize=(4.5 * max(len(kinds), 1), 3.6), squeeze=False)
+    s = np.asarray(result["s"])
+    for ax, kind in zip(axes[0], kinds):
+        r = result["kinds"][kind]
+        for c in r["curves"]:
+            ax.plot(s, c["robust_loss"], color="tab:red", lw=0.5, alpha=0.35)
+        ax.plot(s, r["aggregate"]["robust_loss"], color="tab:red", lw=2, label=f"RLoss ({r['aggregation']})")
+        ax.plot(s, r["aggregate"]["clean_loss"], color="tab:blue", lw=2, ls="--", label="clean loss")
+        ax.set_title(f"{kind} (scale {r['scale']:g})")
+        ax.set_xlabel("s")
+        ax.set_ylabel("cross-entropy")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_surface(surface: dict, path: str, metric: str = "robust_loss", title: str = "") -> None:
+    plt = _pyplot()
+    a, b = np.asarray(surface["a"]), np.asarray(surface["b"])
+    z = np.asarray(surface[metric])
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    cs = ax.contourf(b, a, z, levels=20, cmap="viridis")
+    fig.colorbar(cs, ax=ax, label=metric)
+    ax.plot([0], [0], "w+", ms=10)
+    ax.set_xlabel(surface.get("label_b", "b (direction 2)"))
+    ax.set_ylabel(surface.get("label_a", "a (direction 1)"))
+    ax.set_title(title or metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+def _arg(args, name: str, default):
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def config_from_args(args) -> LandscapeConfig:
+    base = LandscapeConfig()
+    pgd_steps = int(_arg(args, "pgd_steps", base.pgd.steps))
+    eps = float(_arg(args, "eps", base.pgd.eps))
+    return LandscapeConfig(
+        steps=int(_arg(args, "steps", base.steps)), span=float(_arg(args, "span", base.span)),
+        surface_steps=int(_arg(args, "surface_steps", base.surface_steps)),
+        num_directions=int(_arg(args, "num_directions", base.num_directions)),
+        normalization=_arg(args, "normalization", base.normalization),
+        random_scale=float(_arg(args, "random_scale", base.random_scale)),
+        adversarial_scale=float(_arg(args, "adversarial_scale", base.adversarial_scale)),
+        hessian_scale=float(_arg(args, "hessian_scale", base.hessian_scale)),
+        pgd=PGDConfig(eps=eps, steps=pgd_steps),
+        direction_pgd=PGDConfig(eps=eps, steps=int(_arg(args, "direction_pgd_steps", base.direction_pgd.steps))),
+        adversarial_xi=float(_arg(args, "adversarial_xi", base.adversarial_xi)),
+        adversarial_lr=float(_arg(args, "adversarial_lr", base.adversarial_lr)),
+        adversarial_steps=int(_arg(args, "adversarial_steps", base.adversarial_steps)),
+        hessian_iters=int(_arg(args, "lanczos_iters", base.hessian_iters)))
+
+
+def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
+    """``experiments/flatness.py --measure landscape``: writes ``landscape.json`` + ``landscape.png`` and, with
+    ``args.surface`` (e.g. ``"random,random"`` or ``"random,adversarial"``), ``surface.json``, ``surface.npz``,
+    ``surface.png``.
+
+    ``args`` fields (all optional): ``directions`` ("random,adversarial"; "hessian" too), ``num_directions`` (10),
+    ``steps`` (51), ``span`` (1), ``normalization`` ("layer"), ``random_scale`` (0.5), ``adversarial_scale``
+    (0.025), ``hessian_scale`` (0.5), ``pgd_steps`` (20), ``eps`` (8/255), ``num_examples`` (128: the first 128 of
+    ``x``), ``surface`` (None), ``surface_steps`` (21), ``seed`` (0), ``use_ema`` (False).
+    """
+    from robust_flat.models import make_logits_fn
+
+    os.makedirs(out_dir, exist_ok=True)
+    config = config_from_args(args)
+    seed = int(_arg(args, "seed", 0))
+    n = int(_arg(args, "num_examples", 128))
+    x, y = np.asarray(x)[:n], np.asarray(y)[:n]
+    params = loaded_run.params
+    if getattr(args, "use_ema", False) and getattr(loaded_run, "ema_params", None) is not None:
+        params = loaded_run.ema_params
+    kinds = _arg(args, "directions", "random,adversarial")
+    kinds = [k.strip() for k in kinds.split(",")] if isinstance(kinds, str) else list(kinds)
+    logits_fn = make_logits_fn(loaded_run.model, train=False)
+    key_1d, key_2d = jax.random.split(jax.random.PRNGKey(seed))
+    t0 = time.perf_counter()
+    result = landscape_1d(logits_fn, params, loaded_run.model_state, x, y, key_1d, config, kinds)
+    result.update(config=dataclasses.asdict(config), seed=seed, epoch=getattr(loaded_run, "epoch", None), seconds=time.perf_counter() - t0)
+    with open(os.path.join(out_dir, "landscape.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    plot_1d(result, os.path.join(out_dir, "landscape.png"), title=f"epoch {result['epoch']}")
+    surface = _arg(args, "surface", None)
+    if surface:
+        names = [k.strip() for k in surface.split(",")]
+        if len(names) != 2:
+            raise ValueError(f"surface needs two direction kinds like 'random,random', got {surface!r}")
+        k_pgd, k1, k2 = jax.random.split(key_2d, 3)
+        d1 = make_directions(names[0], logits_fn, params, loaded_run.model_state, x, y, k1, config, 1)[0][0]
+        d2 = make_directions(names[1], logits_fn, params, loaded_run.model_state, x, y, k2, config, 1)[0][0]
+        t0 = time.perf_counter()
+        surf = loss_surface(logits_fn, params, loaded_run.model_state, x, y, d1, d2, k_pgd, config)
+        surf.update(label_a=f"a ({names[0]})", label_b=f"b ({names[1]})", seconds=time.perf_counter() - t0)
+        with open(os.path.join(out_dir, "surface.json"), "w") as f:
+            json.dump(surf, f)
+        np.savez(os.path.join(out_dir, "surface.npz"), **{k: np.asarray(v) for k, v in surf.items()
+                                                          if k in ("a", "b") + METRICS})
+        plot_surface(surf, os.path.join(out_dir, "surface.png"))
+        result["surface"] = {"file": "surface.json", "directions": names}
+    return result
+
+
+__all__ = ["LandscapeConfig", "normalize_direction", "random_direction", "adversarial_directions",
+           "hessian_direction", "global_norm", "evaluate_at", "loss_curve", "loss_surface", "make_directions",
+           "landscape_1d", "plot_1d", "plot_surface", "config_from_args", "run_cli"]
