@@ -1,0 +1,416 @@
+"""Datasets as NumPy arrays, deterministic batches, and on-device augmentation.
+
+Every source returns ``(x, y)`` with ``x`` uint8 ``[N, H, W, 3]`` and ``y`` int32 ``[N]``; models get float32 in
+[0, 1] and normalize inside (the paper's whitening). Sources:
+
+* ``--data-dir DIR`` (local files, no network): the standard ``cifar-10-python.tar.gz`` archive or its extracted
+  ``cifar-10-batches-py/`` pickles (CIFAR-100: ``cifar-100-python``), an image-folder tree
+  ``DIR/{train,test}/<class>/*.png|jpg``, or ``.npz`` arrays (``DIR/{train,test}.npz`` with ``x``/``y``, or one
+  ``DIR/<anything>.npz`` with ``x_train, y_train, x_test, y_test``).
+* tensorflow-datasets (``cifar10``, ``cifar100``, ``svhn_cropped``): a prepared TFDS directory is read without
+  network; otherwise TFDS downloads, which needs network *and* TensorFlow. An offline machine fails within seconds
+  with a message naming the ``--data-dir`` formats above, instead of minutes of DNS retries.
+* ``synthetic``: a small, learnable, generated 10-class dataset for the offline smoke run and tests. It is *not*
+  CIFAR-10, and logs say so.
+
+Decoded arrays are cached as ``.npz`` (next to the data, or in ``~/.cache/robust_flat``), so a second run starts in
+seconds. Cache writes are atomic.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+import pickle
+import socket
+import tarfile
+from typing import Optional, Tuple
+
+import numpy as np
+
+Arrays = Tuple[np.ndarray, np.ndarray]
+
+TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "synthetic": 10}
+
+# The paper's evaluation subsets (`C:experiments/iccv/common.py`; reference doc section 2.5).
+SUBSETS = {
+    "test_first1000": ("test", slice(0, 1000)),   # RErr (AA), RLoss (PGD-20x10), all flatness measures
+    "test_last500": ("test", slice(-500, None)),  # early stopping; Hessian
+    "test_last100": ("test", slice(-100, None)),  # visualization directions
+    "train_first1000": ("train", slice(0, 1000)),  # "train" RErr/RLoss and train-set flatness
+    "test": ("test", slice(None)),
+    "train": ("train", slice(None)),
+}
+
+
+class DataError(RuntimeError):
+    """Data could not be found or is malformed. The message says what to do."""
+
+
+HOW_TO_GET_DATA = (
+    "pass --data-dir DIR with one of: the cifar-10-python.tar.gz archive (https://www.cs.toronto.edu/~kriz/"
+    "cifar.html) or its extracted cifar-10-batches-py/, an image tree DIR/{train,test}/<class>/*.png|jpg, or "
+    "DIR/{train,test}.npz with arrays x (uint8 NHWC) and y; or run with --config.data.dataset=synthetic for the "
+    "offline smoke run")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def validate(x: np.ndarray, y: np.ndarray, source: str, scale: float = 255.0) -> Arrays:
+    """Check shapes/dtypes/ranges; return uint8 NHWC images and int32 labels.
+
+    Float images must lie in ``[0, scale]`` (``scale`` 1.0 or 255.0 as declared); uint8 images are taken as-is.
+    """
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise DataError(f"{source}: images must be [N, H, W, 3] (NHWC, RGB), got shape {x.shape}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"{source}: labels must be [N] with N = {x.shape[0]} images, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    if y.size and y.min() < 0:
+        raise DataError(f"{source}: labels must be >= 0, got min {y.min()}")
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x), y.astype(np.int32)
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        raise DataError(f"{source}: images must be uint8 or float, got dtype {x.dtype}")
+    xf = x.astype(np.float64)
+    if not np.all(np.isfinite(xf)):
+        raise DataError(f"{source}: images contain NaN or inf")
+    lo, hi = float(xf.min()), float(xf.max())
+    if lo < 0 or hi > scale:
+        raise DataError(f"{source}: pixel values must lie in [0, {scale:g}] as declared, got [{lo:.4g}, {hi:.4g}]; "
+                        f"set --config.data.pixel_scale to 1.0 or 255.0 to match the data")
+    return np.round(xf / scale * 255.0).astype(np.uint8), y.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------- local files
+def _cache_path(data_dir: str, key: str) -> str:
+    base = os.path.join(data_dir, ".robust_flat_cache")
+    try:
+        os.makedirs(base, exist_ok=True)
+        probe = os.path.join(base, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError:
+        base = os.path.join(os.path.expanduser("~"), ".cache", "robust_flat")
+        os.makedirs(base, exist_ok=True)
+    return os.path.join(base, hashlib.sha1(key.encode()).hexdigest()[:16] + ".npz")
+
+
+def _save_npz_atomic(path: str, **arrays) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a full disk must not leave a truncated cache behind; the data was decoded anyway
+
+
+def _load_cached(path: str) -> Optional[Arrays]:
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path) as z:
+            return z["x"], z["y"]
+    except Exception:  # a corrupt cache is rebuilt, never trusted
+        os.remove(path)
+        return None
+
+
+def _read_cifar_pickles(members, split: str, dataset: str) -> Arrays:
+    """``members``: name -> bytes loader for the files of cifar-10-batches-py / cifar-100-python."""
+    if dataset == "cifar100":
+        names, label_key = [split], b"fine_labels"
+    else:
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key = b"labels"
+    xs, ys = [], []
+    for name in names:
+        blob = members(name)
+        d = pickle.load(io.BytesIO(blob), encoding="bytes")
+        xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(d[label_key], np.int32))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _load_cifar_archive(path: str, split: str, dataset: str) -> Arrays:
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            index = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+
+            def members(name):
+                if name not in index:
+                    raise DataError(f"{path}: archive has no member {name!r}; is it the python version of "
+                                    f"{dataset.upper()}?")
+                return tar.extractfile(index[name]).read()
+
+            return _read_cifar_pickles(members, split, dataset)
+    except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise DataError(f"{path}: cannot read the archive ({e}); re-download it or extract it and pass the folder")
+
+
+def _load_cifar_batches(folder: str, split: str, dataset: str) -> Arrays:
+    def members(name):
+        p = os.path.join(folder, name)
+        if not os.path.exists(p):
+            raise DataError(f"{folder}: missing {name}; the folder must be an extracted cifar-10-batches-py")
+        with open(p, "rb") as f:
+            return f.read()
+
+    try:
+        return _read_cifar_pickles(members, split, dataset)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
+        raise DataError(f"{folder}: corrupt CIFAR batch file ({e}); re-extract the archive")
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _load_image_folder(folder: str, source: str) -> Arrays:
+    from PIL import Image
+
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not classes:
+        raise DataError(f"{folder}: no class folders; expected {folder}/<class>/*.png|jpg")
+    xs, ys = [], []
+    for label, cls in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(folder, cls)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        for fname in files:
+            path = os.path.join(folder, cls, fname)
+            try:
+                with Image.open(path) as im:
+                    xs.append(np.asarray(im.convert("RGB"), np.uint8))
+            except Exception as e:
+                raise DataError(f"{path}: cannot decode image ({e}); remove or replace the file")
+            ys.append(label)
+    if not xs:
+        raise DataError(f"{folder}: class folders contain no {'/'.join(IMAGE_EXTENSIONS)} files")
+    shapes = {a.shape for a in xs}
+    if len(shapes) != 1:
+        raise DataError(f"{folder}: images have different sizes {sorted(shapes)[:3]}...; resize them first")
+    return np.stack(xs), np.asarray(ys, np.int32)
+
+
+def _load_npz(folder: str, split: str, scale: float) -> Optional[Arrays]:
+    path = os.path.join(folder, f"{split}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as z:
+            if "x" not in z or "y" not in z:
+                raise DataError(f"{path}: expected arrays 'x' and 'y', found {sorted(z.files)}")
+            return validate(z["x"], z["y"], path, scale)
+    for path in sorted(glob.glob(os.path.join(folder, "*.npz"))):
+        with np.load(path) as z:
+            if f"x_{split}" in z and f"y_{split}" in z:
+                return validate(z[f"x_{split}"], z[f"y_{split}"], path, scale)
+    return None
+
+
+def load_local(data_dir: str, split: str, dataset: str = "cifar10", pixel_scale: float = 255.0) -> Arrays:
+    """Load a split from local files (formats in the module docstring). Raises :class:`DataError`."""
+    if not os.path.exists(data_dir):
+        raise DataError(f"--data-dir {data_dir!r} does not exist; {HOW_TO_GET_DATA}")
+    if not os.access(data_dir, os.R_OK):
+        raise DataError(f"--data-dir {data_dir!r} is not readable; fix its permissions")
+    if os.path.isfile(data_dir):
+        if data_dir.endswith((".tar.gz", ".tgz")):
+            return _with_cache(data_dir, split, dataset, lambda: _load_cifar_archive(data_dir, split, dataset))
+        if data_dir.endswith(".npz"):
+            return _load_npz(os.path.dirname(data_dir) or ".", split, pixel_scale) or _raise(
+                f"{data_dir}: no x_{split}/y_{split} arrays")
+        raise DataError(f"--data-dir {data_dir!r} is a file of unknown type; {HOW_TO_GET_DATA}")
+    batches = "cifar-100-python" if dataset == "cifar100" else "cifar-10-batches-py"
+    archive = "cifar-100-python.tar.gz" if dataset == "cifar100" else "cifar-10-python.tar.gz"
+    for folder in (os.path.join(data_dir, batches), data_dir):
+        marker = "test" if dataset == "cifar100" else "test_batch"
+        if os.path.isfile(os.path.join(folder, marker)):
+            return validate(*_load_cifar_batches(folder, split, dataset), folder)
+    if os.path.isfile(os.path.join(data_dir, archive)):
+        path = os.path.join(data_dir, archive)
+        return _with_cache(path, split, dataset, lambda: _load_cifar_archive(path, split, dataset))
+    npz = _load_npz(data_dir, split, pixel_scale)
+    if npz is not None:
+        return npz
+    split_dir = os.path.join(data_dir, split)
+    if os.path.isdir(split_dir):
+        return _with_cache(split_dir, split, dataset, lambda: _load_image_folder(split_dir, split_dir))
+    raise DataError(f"--data-dir {data_dir!r} holds no {split} data that robust-flat can read; {HOW_TO_GET_DATA}")
+
+
+def _raise(msg):
+    raise DataError(msg)
+
+
+def _with_cache(path: str, split: str, dataset: str, load) -> Arrays:
+    stat = os.stat(path)
+    key = f"{os.path.abspath(path)}|{stat.st_mtime_ns}|{split}|{dataset}|v1"
+    cache = _cache_path(os.path.dirname(os.path.abspath(path)), key)
+    cached = _load_cached(cache)
+    if cached is not None:
+        return validate(*cached, path)
+    x, y = validate(*load(), path)
+    _save_npz_atomic(cache, x=x, y=y)
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------------------- TFDS
+def _online(host: str = "storage.googleapis.com", port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_tfds(dataset: str, split: str, tfds_dir: Optional[str] = None) -> Arrays:
+    """Load through tensorflow-datasets; fail fast and clearly when that cannot work here."""
+    name = TFDS_NAMES[dataset]
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "robust_flat", f"tfds_{name}_{split}.npz")
+    cached = _load_cached(cache)
+    if cached is not None:
+        return validate(*cached, cache)
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError(f"tensorflow-datasets is not installed (pip install -e '.[tfds]'); or {HOW_TO_GET_DATA}")
+    try:
+        builder = tfds.builder(name, data_dir=tfds_dir)
+        prepared = builder.is_prepared() if hasattr(builder, "is_prepared") else os.path.isdir(builder.data_dir)
+    except Exception as e:  # unknown name, broken install
+        raise DataError(f"tensorflow-datasets cannot build {name!r} ({type(e).__name__}: {e}); {HOW_TO_GET_DATA}")
+    if prepared:
+        try:  # ArrayRecord/Parquet: random access without TensorFlow
+            source = tfds.data_source(name, split=split, data_dir=tfds_dir, download=False)
+            x = np.stack([np.asarray(ex["image"]) for ex in source])
+            y = np.asarray([ex["label"] for ex in source], np.int32)
+        except Exception:
+            x, y = _tfds_numpy(tfds, name, split, tfds_dir, download=False)
+    else:
+        if not _online():
+            raise DataError(f"{name} is not prepared in the TFDS data dir and this machine is offline; "
+                            f"{HOW_TO_GET_DATA}")
+        x, y = _tfds_numpy(tfds, name, split, tfds_dir, download=True)
+    x, y = validate(x, y, f"tfds:{name}")
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    _save_npz_atomic(cache, x=x, y=y)
+    return x, y
+
+
+def _tfds_numpy(tfds, name, split, tfds_dir, download):
+    try:
+        data = tfds.as_numpy(tfds.load(name, split=split, data_dir=tfds_dir, batch_size=-1, download=download))
+    except ImportError as e:
+        raise DataError(f"tensorflow-datasets needs TensorFlow to download/decode {name} ({e}); "
+                        f"pip install -e '.[tfds]', or {HOW_TO_GET_DATA}")
+    except Exception as e:
+        raise DataError(f"tensorflow-datasets could not load {name} ({type(e).__name__}: {e}); {HOW_TO_GET_DATA}")
+    return data["image"], data["label"]
+
+
+# ------------------------------------------------------------------------------------------------ synthetic
+def synthetic(split: str, n_train: int = 2560, n_test: int = 1024, image_size: int = 32, seed: int = 0,
+              num_classes: int = 10) -> Arrays:
+    """A generated, learnable 10-class image dataset (NOT CIFAR-10): each class is a smooth random template;
+    examples are template + per-example smooth noise + a random brightness shift. Fixed given ``seed``."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 2, (num_classes, 4, 4, 3)).astype(np.float64)  # binary colour blocks per class
+    templates = np.kron(coarse, np.ones((image_size // 4, image_size // 4, 1)))
+    n = n_train if split == "train" else n_test
+    rng = np.random.default_rng(seed + (1 if split == "train" else 2))
+    y = rng.integers(0, num_classes, n).astype(np.int32)
+    noise = np.kron(rng.normal(0, 0.12, (n, 8, 8, 3)), np.ones((1, image_size // 8, image_size // 8, 1)))
+    shift = rng.uniform(-0.1, 0.1, (n, 1, 1, 1))
+    x = np.clip(0.2 + 0.6 * templates[y] + noise + shift, 0, 1)
+    return (x * 255).round().astype(np.uint8), y
+
+
+# ------------------------------------------------------------------------------------------------- front end
+def load_split(dataset: str, split: str, data_dir: Optional[str] = None, pixel_scale: float = 255.0,
+               tfds_dir: Optional[str] = None, synthetic_sizes: Tuple[int, int] = (2560, 1024)) -> Arrays:
+    """``(x uint8 [N,H,W,3], y int32 [N])`` for ``split`` in {"train", "test"} (see module docstring)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if dataset == "synthetic":
+        return synthetic(split, *synthetic_sizes)
+    if dataset not in TFDS_NAMES:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(NUM_CLASSES)}")
+    if data_dir:
+        return load_local(data_dir, split, dataset, pixel_scale)
+    return load_tfds(dataset, split, tfds_dir)
+
+
+def subset(x: np.ndarray, y: np.ndarray, name: str) -> Arrays:
+    _, sl = SUBSETS[name]
+    return x[sl], y[sl]
+
+
+def load_eval_set(config_or_dataset, subset_name: str = "test_first1000", data_dir: Optional[str] = None,
+                  n_examples: Optional[int] = None):
+    """Float32 images in [0, 1] and int32 labels of a named evaluation subset (:data:`SUBSETS`).
+
+    ``config_or_dataset``: a dataset name or a run's config (its ``data`` block is used; ``data_dir`` overrides).
+    """
+    if subset_name not in SUBSETS:
+        raise ValueError(f"unknown subset {subset_name!r}; choose one of {', '.join(SUBSETS)}")
+    pixel_scale, sizes = 255.0, (2560, 1024)
+    if isinstance(config_or_dataset, str):
+        dataset = config_or_dataset
+    else:
+        d = config_or_dataset.data
+        dataset = d.dataset
+        data_dir = data_dir or d.get("data_dir") or None
+        pixel_scale = d.get("pixel_scale", 255.0)
+        sizes = (d.get("synthetic_train", 2560), d.get("synthetic_test", 1024))
+    split, _ = SUBSETS[subset_name]
+    x, y = load_split(dataset, split, data_dir, pixel_scale, synthetic_sizes=sizes)
+    x, y = subset(x, y, subset_name)
+    if n_examples is not None:
+        if n_examples > len(x):
+            raise ValueError(f"asked for {n_examples} examples but {subset_name} has {len(x)}")
+        x, y = x[:n_examples], y[:n_examples]
+    return x.astype(np.float32) / 255.0, y
+
+
+# -------------------------------------------------------------------------------------------------- batching
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of training examples in ``epoch``; a pure function of (seed, epoch), so resuming is exact."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train_batch(x: np.ndarray, y: np.ndarray, seed: int, step: int, batch_size: int) -> dict:
+    """Batch number ``step`` (global step, counting from 0) of the deterministic stream; drops the last partial
+    batch of every epoch so all batches have one shape (one compilation)."""
+    per_epoch = len(x) // batch_size
+    if per_epoch == 0:
+        raise DataError(f"batch size {batch_size} is larger than the training set ({len(x)} examples)")
+    epoch, i = divmod(step, per_epoch)
+    idx = epoch_permutation(seed, epoch, len(x))[i * batch_size:(i + 1) * batch_size]
+    return {"image": x[idx], "label": y[idx]}
+
+
+def augment(key, images, pad: int = 4, flip: bool = True):
+    """Random crop after zero padding by ``pad`` pixels, and horizontal flip, per example, on device (jittable).
+
+    The paper's "random crop (<= 4 px)" with the usual pad-and-crop; the released code used imgaug's
+    CropAndPad + resize (T6), which is not reproduced.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n, h, w, c = images.shape
+    k_crop, k_flip = jax.random.split(key)
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * pad + 1)
+
+    def crop(img, off):
+        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
+
+    out = jax.vmap(crop)(padded, offsets)
+    if flip:
+        do_flip = jax.random.bernoulli(k_flip, 0.5, (n,))
+        out = jnp.where(do_flip[:, None, None, None], out[:, :, ::-1, :], out)
+    return out

@@ -1,0 +1,16 @@
+"""Training methods. Each is one module with ``train_step(state, batch, rng, **static) -> (state, metrics)`` and
+``make_step(config, apply_fn, tx)`` that binds the static part with ``functools.partial``; the trainer
+(:mod:`robust_flat.training.trainer`) is the same for all of them."""
+from __future__ import annotations
+
+from robust_flat.training import clean, pgd_at
+
+METHODS = {"pgd_at": pgd_at.make_step, "clean": clean.make_step}
+
+
+def make_step(config, apply_fn, tx):
+    try:
+        factory = METHODS[config.method]
+    except KeyError:
+        raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}") from None
+    return factory(config, apply_fn, tx)

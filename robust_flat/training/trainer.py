@@ -1,0 +1,292 @@
+"""The one trainer every method shares: data stream, sharded jitted step, checkpoints, resume, monitoring.
+
+A method only supplies ``make_step(config, apply_fn, tx) -> step(state, batch, rng) -> (state, metrics)``
+(:mod:`robust_flat.training`). The trainer owns everything else:
+
+* resume: a rerun with the same command restores the newest rolling checkpoint and continues bit-identically
+  (batches and step keys are pure functions of the seed and the step);
+* Ctrl-C / SIGTERM: finish the current step, save, exit with status 130 / 143;
+* a NaN or inf loss stops the run with an error naming the step; the last good checkpoint is kept;
+* snapshots every ``snapshot_every`` epochs; the best epoch by robust test error on the last 500 test images
+  (PGD-7, 5 restarts: the paper's early stopping);
+* per-epoch clean and robust loss/error on train and test subsets -> ``RUN/metrics.jsonl``;
+* data parallelism over all local devices with ``jax.sharding`` (batch split on a ``data`` mesh axis).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from robust_flat import data as data_lib
+from robust_flat import models, xla
+from robust_flat.attacks.pgd import PGDConfig
+from robust_flat.checkpoint import Checkpointer
+from robust_flat.training import make_step
+from robust_flat.training.monitor import evaluate
+from robust_flat.training.optim import make_optimizer
+from robust_flat.training.state import TrainState, create_train_state
+
+
+class TrainingError(RuntimeError):
+    """A run cannot continue (bad config, NaN loss, mismatching run directory). The message says why."""
+
+
+class Interrupted(Exception):
+    def __init__(self, signum):
+        self.signum = signum
+
+
+# Config entries that may differ between a run and its resumption (where the data lives, not what it is).
+_VOLATILE_KEYS = {("data", "data_dir")}
+
+
+def _flatten(d, prefix=()):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def config_to_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def prepare_run_dir(run_dir: str, config) -> None:
+    """Create the run directory and write ``config.json``, or check that an existing one has the same config."""
+    path = os.path.join(run_dir, "config.json")
+    new = config_to_dict(config)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise TrainingError(f"{path} is unreadable ({e}); use a new --run-dir")
+        a, b = _flatten(old), _flatten(new)
+        diff = sorted(k for k in set(a) | set(b) if k not in _VOLATILE_KEYS and a.get(k) != b.get(k))
+        if diff:
+            shown = ", ".join(f"{'.'.join(k)}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
+            raise TrainingError(f"run directory {run_dir} holds a run with a different config ({shown}); rerun with "
+                                "the same config to resume, or pass a new --run-dir")
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    _write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: str, completed_epochs: int) -> None:
+    """Drop metric lines of epochs that the restored checkpoint has not completed (they will be recomputed)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            if json.loads(ln)["epoch"] <= completed_epochs:
+                keep.append(ln)
+        except (json.JSONDecodeError, KeyError):
+            pass  # a torn last line from a killed job
+    _write_atomic(path, "".join(keep))
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build(config, input_shape, steps_per_epoch: int):
+    """Model, pure functions, optimizer and the initial train state of a config."""
+    m = config.model
+    model = models.create_model(m.name, num_classes=m.num_classes,
+                                **{k: v for k, v in m.to_dict().items() if k not in ("name", "num_classes")})
+    root = jax.random.PRNGKey(config.seed)
+    params, model_state = models.init_model(model, jax.random.fold_in(root, 0), (1,) + tuple(input_shape))
+    tx = make_optimizer(config.optimizer, steps_per_epoch, config.train.epochs)
+    state = create_train_state(params, model_state, tx, jax.random.fold_in(root, 1), ema=config.ema.enabled)
+    return model, tx, state
+
+
+def load_data(config, log):
+    d = config.data
+    sizes = (d.synthetic_train, d.synthetic_test)
+    x_train, y_train = data_lib.load_split(d.dataset, "train", d.data_dir or None, d.pixel_scale,
+                                           synthetic_sizes=sizes)
+    x_test, y_test = data_lib.load_split(d.dataset, "test", d.data_dir or None, d.pixel_scale,
+                                         synthetic_sizes=sizes)
+    if d.train_examples:
+        x_train, y_train = x_train[:d.train_examples], y_train[:d.train_examples]
+    if int(y_train.max()) >= config.model.num_classes:
+        raise TrainingError(f"labels go up to {int(y_train.max())} but the model has {config.model.num_classes} "
+                            "classes; set --config.model.num_classes")
+    if d.dataset == "synthetic":
+        log("DATA: synthetic (generated by robust_flat.data.synthetic, NOT CIFAR-10): "
+            f"{len(x_train)} train / {len(x_test)} test images, for smoke runs only")
+    else:
+        log(f"DATA: {d.dataset} from {d.data_dir or 'tensorflow-datasets'}: {len(x_train)} train / "
+            f"{len(x_test)} test images")
+    return x_train, y_train, x_test, y_test
+
+
+def _eval_attack(config, steps=None, restarts=1) -> PGDConfig:
+    a = config.attack
+    return PGDConfig(eps=a.eps, step_size=a.step_size, steps=a.steps if steps is None else steps, norm=a.norm,
+                     init=a.init, restarts=restarts, unroll=a.unroll)
+
+
+def train(config, run_dir: str, progress: bool = True) -> TrainState:
+    """Train (or resume) the run ``run_dir`` with ``config``; returns the final state."""
+    os.makedirs(run_dir, exist_ok=True)
+    log_path = os.path.join(run_dir, "log.txt")
+
+    def log(msg: str) -> None:
+        from tqdm import tqdm
+        tqdm.write(msg, file=sys.stdout)
+        with open(log_path, "a") as f:
+            f.write(msg + "\n")
+
+    prepare_run_dir(run_dir, config)
+    x_train, y_train, x_test, y_test = load_data(config, log)
+    bs = config.train.batch_size
+    n_dev = jax.local_device_count()
+    if bs % n_dev:
+        raise TrainingError(f"batch size {bs} is not divisible by the {n_dev} local devices")
+    steps_per_epoch = len(x_train) // bs
+    if steps_per_epoch == 0:
+        raise TrainingError(f"batch size {bs} exceeds the {len(x_train)} training examples")
+    total = steps_per_epoch * config.train.epochs
+    model, tx, state = build(config, x_train.shape[1:], steps_per_epoch)
+    apply_fn, logits_fn = models.make_apply_fn(model), models.make_logits_fn(model, train=False)
+    step_fn = make_step(config, apply_fn, tx)
+
+    mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+    repl, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def step_with_key(state, batch):
+        return step_fn(state, batch, jax.random.fold_in(state.rng, state.step))
+
+    jstep = xla.jit(step_with_key, in_shardings=(repl, sharded), out_shardings=(repl, repl), donate_argnums=(0,))
+
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep_latest=config.checkpoint.keep_latest)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    meta = {"best_robust_error": None, "best_epoch": None}
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore("latest", target=state)
+        meta = dict(meta)
+        log(f"RESUME: step {int(state.step)} of {total} (epoch {int(state.step) // steps_per_epoch})")
+        _truncate_metrics(metrics_path, int(state.step) // steps_per_epoch)
+    else:
+        log(f"START: {config.method} {config.model.name} {total} steps ({config.train.epochs} epochs x "
+            f"{steps_per_epoch}), batch {bs} on {n_dev} device(s) [{jax.default_backend()}]")
+        _truncate_metrics(metrics_path, 0)
+        ckpt.save("snapshots", 0, state, {"epoch": 0, "step": 0})
+    state = jax.device_put(state, repl)
+
+    es_x, es_y = data_lib.subset(x_test, y_test, "test_last500")
+    es_x = es_x.astype(np.float32) / 255.0
+    n_eval = config.eval.n_examples
+    eval_sets = {"train": (x_train[:n_eval].astype(np.float32) / 255.0, y_train[:n_eval]),
+                 "test": (x_test[:n_eval].astype(np.float32) / 255.0, y_test[:n_eval])}
+
+    stop = {"signum": None}
+
+    def on_signal(signum, frame):
+        stop["signum"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    step = int(state.step)
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, unit="step", disable=not progress, dynamic_ncols=True, file=sys.stdout)
+    sums, count, t_epoch = {}, 0, time.time()
+    try:
+        while step < total:
+            batch = data_lib.train_batch(x_train, y_train, config.seed, step, bs)
+            batch = jax.device_put(batch, sharded)
+            t0 = time.time()
+            state, metrics = jstep(state, batch)
+            metrics = jax.device_get(metrics)
+            if not all(math.isfinite(float(v)) for v in metrics.values()):
+                raise TrainingError(f"non-finite training metrics at step {step + 1} (epoch "
+                                    f"{step // steps_per_epoch + 1}): {metrics}; the last good checkpoint "
+                                    f"(step {ckpt.latest_step()}) is kept. Lower the learning rate or check the "
+                                    "data")
+            step += 1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(metrics['train_loss']):.3f}",
+                            err=f"{float(metrics['train_error']):.3f}", img_s=f"{bs / (time.time() - t0):.0f}")
+            if config.debug.sigkill_at_step == step:
+                ckpt.close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            epoch_end = step % steps_per_epoch == 0
+            if epoch_end:
+                epoch = step // steps_per_epoch
+                record = {"epoch": epoch, "step": step, "time_s": round(time.time() - t_epoch, 2),
+                          "images_per_s": round(count * bs / max(time.time() - t_epoch, 1e-9), 1),
+                          **{k: v / count for k, v in sums.items()}}
+                key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_000 + epoch)
+                for name, (ex, ey) in eval_sets.items():
+                    if len(ex):
+                        res = evaluate(logits_fn, state.params, state.model_state, ex, ey, key, _eval_attack(config),
+                                       config.eval.batch_size)
+                        record.update({f"{name}_{k}": v for k, v in res.items()})
+                is_snapshot = epoch % config.checkpoint.snapshot_every == 0 or step == total
+                if is_snapshot and config.eval.early_stopping and len(es_x):
+                    res = evaluate(logits_fn, state.params, state.model_state, es_x, es_y, key,
+                                   _eval_attack(config, config.eval.es_steps, config.eval.es_restarts),
+                                   config.eval.batch_size)
+                    record["es_robust_error"] = res["robust_error"]
+                    if meta.get("best_robust_error") is None or res["robust_error"] < meta["best_robust_error"]:
+                        meta.update(best_robust_error=res["robust_error"], best_epoch=epoch)
+                        ckpt.save("best", epoch, state, {"epoch": epoch, "step": step, **res})
+                _append_jsonl(metrics_path, record)
+                if is_snapshot:
+                    ckpt.save("snapshots", epoch, state, {"epoch": epoch, "step": step})
+                log(f"epoch {epoch}/{config.train.epochs}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "time_s")
+                    + f" [{record['time_s']:.1f} s]")
+                sums, count, t_epoch = {}, 0, time.time()
+            if epoch_end or step % config.checkpoint.every_steps == 0 or step == total:
+                ckpt.save("latest", step, state, {**meta, "epoch": step // steps_per_epoch, "step": step,
+                                                  "steps_per_epoch": steps_per_epoch})
+            if stop["signum"] is not None:
+                raise Interrupted(stop["signum"])
+        log(f"DONE: {total} steps; best epoch by early stopping: {meta.get('best_epoch')} "
+            f"(robust error {meta.get('best_robust_error')})")
+    except Interrupted as e:
+        ckpt.save("latest", step, state, {**meta, "epoch": step // steps_per_epoch, "step": step,
+                                          "steps_per_epoch": steps_per_epoch})
+        log(f"INTERRUPTED by signal {e.signum} at step {step}: saved; rerun the same command to resume")
+        bar.close()
+        ckpt.close()
+        raise SystemExit(128 + e.signum)
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    ckpt.close()
+    return state
