@@ -195,10 +195,11 @@ def _linearize_untargeted(logits_fn, x1, y, norm: str):
 
 def _random_start(key, x, eps: float, norm: str):
     """The original's restart point: ``x + (eps / 2) t / ||t||``, ``t`` ~ U[-1, 1]^D (L-inf) or N(0, I) (L2)."""
+    # flat draws: XLA:CPU compiles multi-dimensional threefry draws several times slower
     if norm == "linf":
-        t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+        t = jax.random.uniform(key, (x.size,), x.dtype, -1.0, 1.0).reshape(x.shape)
     else:
-        t = jax.random.normal(key, x.shape, x.dtype)
+        t = jax.random.normal(key, (x.size,), x.dtype).reshape(x.shape)
     t_norm = _norm_rows(t.reshape(x.shape[0], -1), norm)
     return jnp.clip(x + 0.5 * eps * t / _bcast(jnp.maximum(t_norm, 1e-12), x), 0.0, 1.0)
 
