@@ -133,12 +133,28 @@ def _bcast(v, like):
     return v.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-def _corners(key, n: int, h: int, w: int, s):
-    """Window corners ``floor(u * (dim - s))`` per example ([n] int32 each)."""
-    ku, kv = jax.random.split(key)
-    vh = jnp.floor(jax.random.uniform(ku, (n,)) * (h - s)).astype(jnp.int32)
-    vw = jnp.floor(jax.random.uniform(kv, (n,)) * (w - s)).astype(jnp.int32)
-    return vh, vw
+def _uniforms(key, *shapes):
+    """Independent U[0, 1) arrays of the given shapes from ONE flat draw.
+
+    XLA:CPU compiles a threefry draw of a multi-dimensional shape several times slower than a flat one, and every
+    call site costs compile time. One flat draw per step keeps the attack's compile time low.
+    """
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    flat = jax.random.uniform(key, (sum(sizes),))
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        out.append(flat[start:start + size].reshape(shape))
+        start += size
+    return out
+
+
+def _signs(u):
+    return jnp.where(u < 0.5, -1.0, 1.0)
+
+
+def _corner(u, dim: int, s):
+    """Window corner ``floor(u * (dim - s))``, as the original draws it."""
+    return jnp.floor(u * (dim - s)).astype(jnp.int32)
 
 
 def _window(vh, vw, s, h: int, w: int):
@@ -156,8 +172,8 @@ def _l2_norm(v, axes):
 # ------------------------------------------------------------------------------------------ initializations
 def _init_linf(key, x, eps):
     n, _, w, c = x.shape
-    stripes = jax.random.rademacher(key, (n, 1, w, c), x.dtype)
-    return jnp.clip(x + eps * stripes, 0.0, 1.0)
+    (u,) = _uniforms(key, (n, 1, w, c))
+    return jnp.clip(x + eps * _signs(u), 0.0, 1.0)
 
 
 def _init_l2(key, x, eps, draws):
@@ -167,20 +183,14 @@ def _init_l2(key, x, eps, draws):
         raise ValueError(f"square: L2 initialization needs images of height >= 5, got {h}")
     start = (h - 5 * s) // 2
     pattern = jnp.asarray(eta_pattern(s), x.dtype)
+    blocks = [(start + bi * s, start + bj * s) for bi in range(h // s) for bj in range(w // s)]
+    blocks = [(r0, c0) for r0, c0 in blocks if r0 < h and c0 < w]
+    u_flip, u_sign = _uniforms(key, (len(blocks), draws, 1, 1, 1), (len(blocks), n, 1, 1, c))
     delta = jnp.zeros_like(x)
-    k_sign, k_flip = jax.random.split(key)
-    block = 0
-    for bi in range(h // s):
-        for bj in range(w // s):
-            r0, c0 = start + bi * s, start + bj * s
-            r1, c1 = min(r0 + s, h), min(c0 + s, w)
-            if r0 >= h or c0 >= w:
-                continue
-            flip = jax.random.bernoulli(jax.random.fold_in(k_flip, block), 0.5, (draws, 1, 1, 1))
-            eta = jnp.where(flip, pattern.T[None, :, :, None], pattern[None, :, :, None])
-            sign = jax.random.rademacher(jax.random.fold_in(k_sign, block), (n, 1, 1, c), x.dtype)
-            delta = delta.at[:, r0:r1, c0:c1, :].add((eta * sign)[:, :r1 - r0, :c1 - c0, :])
-            block += 1
+    for block, (r0, c0) in enumerate(blocks):
+        r1, c1 = min(r0 + s, h), min(c0 + s, w)
+        eta = jnp.where(u_flip[block] < 0.5, pattern.T[None, :, :, None], pattern[None, :, :, None])
+        delta = delta.at[:, r0:r1, c0:c1, :].add((eta * _signs(u_sign[block]))[:, :r1 - r0, :c1 - c0, :])
     delta = delta / (_l2_norm(delta, (1, 2, 3)) + 1e-12)
     return jnp.clip(x + eps * delta, 0.0, 1.0)
 
@@ -214,17 +224,14 @@ def _run(logits_fn, x, y, attacked, key, config: SquareConfig, trace: bool):
         buf = buf.at[0].set(loss)
 
     def candidate_linf(key, x_best, s):
-        k_pos, k_sign = jax.random.split(key)
-        vh, vw = _corners(k_pos, draws, h, w, s)
-        mask = _window(vh, vw, s, h, w)
-        sign = jax.random.rademacher(k_sign, (draws, 1, 1, c), x.dtype)
-        x_new = x_best + jnp.where(mask, 2.0 * eps * sign, 0.0)
+        u_h, u_w, u_sign = _uniforms(key, (draws,), (draws,), (draws, 1, 1, c))
+        mask = _window(_corner(u_h, h, s), _corner(u_w, w, s), s, h, w)
+        x_new = x_best + jnp.where(mask, 2.0 * eps * _signs(u_sign), 0.0)
         return jnp.clip(jnp.clip(x_new, x - eps, x + eps), 0.0, 1.0)
 
     def candidate_l2(key, x_best, s):
-        k_pos1, k_pos2, k_sign, k_flip = jax.random.split(key, 4)
-        vh1, vw1 = _corners(k_pos1, draws, h, w, s)
-        vh2, vw2 = _corners(k_pos2, draws, h, w, s)
+        u_pos, u_flip, u_sign = _uniforms(key, (4, draws), (draws, 1, 1), (n, 1, 1, c))
+        vh1, vw1, vh2, vw2 = (_corner(u_pos[j], h if j % 2 == 0 else w, s) for j in range(4))
         m1 = _window(vh1, vw1, s, h, w)
         m2 = _window(vh2, vw2, s, h, w)
         delta = x_best - x
@@ -233,13 +240,11 @@ def _run(logits_fn, x, y, attacked, key, config: SquareConfig, trace: bool):
         norm_ws = _l2_norm(jnp.where(m1 | m2, delta, 0.0), (1, 2))
         # eta(s), optionally transposed, placed at window 1: a gather from the padded table at (row - vh, col - vw)
         pattern = table[stage_of_size[s]]
-        flip = jax.random.bernoulli(k_flip, 0.5, (draws, 1, 1))
-        pattern = jnp.where(flip, pattern.T[None], pattern[None])  # [draws, s_max, s_max]
+        pattern = jnp.where(u_flip < 0.5, pattern.T[None], pattern[None])  # [draws, s_max, s_max]
         rows = jnp.clip(jnp.arange(h)[None, :, None] - vh1[:, None, None], 0, pattern.shape[1] - 1)
         cols = jnp.clip(jnp.arange(w)[None, None, :] - vw1[:, None, None], 0, pattern.shape[2] - 1)
         placed = pattern[jnp.arange(draws)[:, None, None], rows, cols][..., None]  # [draws, h, w, 1]
-        sign = jax.random.rademacher(k_sign, (n, 1, 1, c), x.dtype)
-        new = jnp.where(m1, placed * sign + delta / (1e-12 + norm_w1), 0.0)
+        new = jnp.where(m1, placed * _signs(u_sign) + delta / (1e-12 + norm_w1), 0.0)
         budget = jnp.sqrt(jnp.maximum(eps ** 2 - norm_img ** 2, 0.0) / c + norm_ws ** 2)
         new = new / (1e-12 + _l2_norm(new, (1, 2))) * budget
         delta = jnp.where(m1, new, jnp.where(m2, 0.0, delta))
