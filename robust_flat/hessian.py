@@ -41,7 +41,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,7 @@ from jax.flatten_util import ravel_pytree
 from robust_flat import xla
 from robust_flat.attacks.common import check_inputs, cross_entropy
 from robust_flat.attacks.pgd import PGDConfig, pgd
+from robust_flat.models import bind, make_logits_fn
 
 SEP = "/"  # parameter paths are the Flax module path joined by "/", e.g. "stage1_block0/conv1/kernel"
 
@@ -183,8 +184,6 @@ def _padded_batches(x, y, batch_size):
 def adversarial_examples(logits_fn, params, model_state, x, y, key, config: PGDConfig = PGDConfig(steps=20),
                          batch_size: int = 128) -> np.ndarray:
     """PGD adversarial examples for ``(x, y)`` at fixed weights, in batches (one key per batch, from ``key``)."""
-    from robust_flat.models import bind
-
     x, y = _check_data(x, y)
     f = bind(logits_fn, params, model_state)
     batches = _padded_batches(x, y, batch_size)
@@ -518,52 +517,78 @@ def spectrum_summary(op: HessianOperator, key: jax.Array, k: int = 4, num_iters:
     return summary, eig, trace, density
 
 
-def _arg(args, name: str, default):
+def cli_arg(args, name: str, default):
     """``args.name``, or ``default`` when missing or None (argparse namespaces and plain objects alike)."""
     value = getattr(args, name, None)
     return default if value is None else value
 
 
+def cli_params(args, loaded_run):
+    """The run's parameters, or its weight-averaged ones with ``args.use_ema`` (error if the run has none)."""
+    if cli_arg(args, "use_ema", False):
+        if getattr(loaded_run, "ema_params", None) is None:
+            raise ValueError("use_ema: this run has no weight-averaged parameters")
+        return loaded_run.ema_params
+    return loaded_run.params
+
+
+def cli_output_name(args, loaded_run, measure: str) -> str:
+    """``args.name``, else ``{measure}_{snapshot}`` like ``experiments/flatness.py`` (``last-ep30``, ``ep12``)."""
+    name = cli_arg(args, "name", None)
+    if name:
+        return str(name)
+    snapshot, epoch = cli_arg(args, "snapshot", None), getattr(loaded_run, "epoch", None)
+    if snapshot is None:
+        return measure if epoch is None else f"{measure}_ep{epoch}"
+    return f"{measure}_{snapshot}-ep{epoch}" if str(snapshot) in ("best", "last") else f"{measure}_ep{snapshot}"
+
+
 def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
-    """``experiments/flatness.py --measure hessian``: writes ``hessian.json`` and ``hessian_density.png``.
+    """``experiments/flatness.py --measure hessian``: writes ``NAME.json`` (eigenvalues, trace, density, timing)
+    and ``NAME_density.png`` to ``out_dir``; ``NAME`` = ``args.name`` or ``hessian[_robust]_{snapshot}``.
 
-    ``args`` fields (all optional): ``k`` (4), ``lanczos_iters`` (80), ``seed`` (0), ``batch_size`` (128),
-    ``hessian_loss`` ("clean"), ``hessian_reduction`` ("sum"), ``hessian_select`` (None: >= 2-dim tensors),
-    ``trace_probes`` (50), ``density_probes`` (5), ``eps`` (8/255), ``pgd_steps`` (20), ``use_ema`` (False).
-    ``x, y``: the examples (the paper: the last 500 test images).
+    ``args`` fields (all optional; strings are converted): ``k`` (4), ``lanczos_iters`` (80), ``seed`` (0),
+    ``batch_size`` (128), ``hessian_loss`` ("clean" or "robust"), ``hessian_reduction`` ("sum": the code's sum of
+    batch-mean Hessians; "mean"), ``hessian_select`` (None: >= 2-dim tensors; "layers"; a regex),
+    ``trace_probes`` (50; 0 = skip), ``density_probes`` (5; 0 = skip), ``eps`` (8/255) and ``pgd_steps`` (20) for
+    the robust loss, ``use_ema`` (False). ``x, y``: the examples (paper/code: the last 500 test images).
     """
-    from robust_flat.models import make_logits_fn
-
     os.makedirs(out_dir, exist_ok=True)
-    seed = int(_arg(args, "seed", 0))
-    params = loaded_run.params
-    if getattr(args, "use_ema", False) and getattr(loaded_run, "ema_params", None) is not None:
-        params = loaded_run.ema_params
+    seed = int(cli_arg(args, "seed", 0))
+    params = cli_params(args, loaded_run)
     config = HessianConfig(
-        loss=_arg(args, "hessian_loss", "clean"), select=_arg(args, "hessian_select", None),
-        batch_size=int(_arg(args, "batch_size", 128)), reduction=_arg(args, "hessian_reduction", "sum"),
-        pgd=PGDConfig(eps=float(_arg(args, "eps", 8 / 255)), steps=int(_arg(args, "pgd_steps", 20))))
+        loss=cli_arg(args, "hessian_loss", "clean"), select=cli_arg(args, "hessian_select", None),
+        batch_size=int(cli_arg(args, "batch_size", 128)), reduction=cli_arg(args, "hessian_reduction", "sum"),
+        pgd=PGDConfig(eps=float(cli_arg(args, "eps", 8 / 255)), steps=int(cli_arg(args, "pgd_steps", 20))))
+    name = cli_output_name(args, loaded_run, "hessian" if config.loss == "clean" else "hessian_robust")
     key_attack, key_spectrum = jax.random.split(jax.random.PRNGKey(seed))
     logits_fn = make_logits_fn(loaded_run.model, train=False)
     t0 = time.perf_counter()
     op = HessianOperator(logits_fn, params, loaded_run.model_state, x, y, config, key=key_attack)
     summary, eig, _, density = spectrum_summary(
-        op, key_spectrum, k=int(_arg(args, "k", 4)), num_iters=int(_arg(args, "lanczos_iters", 80)),
-        trace_probes=int(_arg(args, "trace_probes", 50)), density_probes=int(_arg(args, "density_probes", 5)))
+        op, key_spectrum, k=int(cli_arg(args, "k", 4)), num_iters=int(cli_arg(args, "lanczos_iters", 80)),
+        trace_probes=int(cli_arg(args, "trace_probes", 50)),
+        density_probes=int(cli_arg(args, "density_probes", 5)))
     summary.update(
         loss_kind=config.loss, loss=op.loss(), reduction=config.reduction, batch_size=config.batch_size,
         num_examples=int(len(op.x_used)), num_batches=op.num_batches, dim=op.dim, parameters=list(op.paths),
-        seed=seed, epoch=getattr(loaded_run, "epoch", None), num_hvps=op.num_hvps,
-        seconds_per_hvp=op.hvp_seconds / max(op.num_hvps, 1), seconds=time.perf_counter() - t0)
-    with open(os.path.join(out_dir, "hessian.json"), "w") as f:
+        seed=seed, epoch=getattr(loaded_run, "epoch", None), use_ema=bool(cli_arg(args, "use_ema", False)),
+        num_hvps=op.num_hvps, seconds_per_hvp=op.hvp_seconds / max(op.num_hvps, 1),
+        seconds=time.perf_counter() - t0)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     if density is not None:
-        plot_density(density, os.path.join(out_dir, "hessian_density.png"), eig,
+        plot_density(density, os.path.join(out_dir, f"{name}_density.png"), eig,
                      title=f"Hessian of the {config.loss} loss: lambda_max={eig.max:.4g}")
+    print(f"hessian ({config.loss} loss, {op.dim} weights, {len(op.x_used)} examples): lambda_max "
+          f"{eig.max:.4g}, lambda_min {eig.min:.4g}" + (f", trace {summary['trace']:.4g}" if "trace" in summary
+                                                        else "") + f" -> {path}")
     return summary
 
 
 __all__ = ["HessianConfig", "HessianOperator", "adversarial_examples", "split_params", "merge_params",
            "flatten_params", "resolve_filter", "kernels_filter", "lanczos", "LanczosResult", "extreme_eigenvalues",
            "EigenResult", "hutchinson_trace", "TraceResult", "spectral_density", "DensityResult",
-           "gaussian_density", "plot_density", "spectrum_summary", "run_cli"]
+           "gaussian_density", "plot_density", "spectrum_summary", "cli_arg", "cli_params", "cli_output_name",
+           "run_cli"]

@@ -49,18 +49,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from robust_flat import hessian as H
 from robust_flat import xla
 from robust_flat.attacks.common import check_inputs, cross_entropy
 from robust_flat.attacks.pgd import PGDConfig, pgd
+from robust_flat.models import bind, make_logits_fn
+from robust_flat.weights import (LayerSelection, Neighbourhood, WeightAttackConfig, normalize, selection_mask,
+                                 weight_attack)
 
 NORMALIZATIONS = ("layer", "filter", "layer_max", "none")
 KINDS = ("random", "adversarial", "hessian")
-
-
-def _default_selection():
-    from robust_flat.weights import LayerSelection
-
-    return LayerSelection()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +101,7 @@ class LandscapeConfig:
 
     @property
     def layer_selection(self):
-        return _default_selection() if self.selection is None else self.selection
+        return LayerSelection() if self.selection is None else self.selection
 
     def coordinates(self, steps: Optional[int] = None) -> np.ndarray:
         return np.linspace(-self.span, self.span, self.steps if steps is None else steps)
@@ -115,14 +113,10 @@ class LandscapeConfig:
 
 # -------------------------------------------------------------------------------------------------- directions
 def _neighbourhood(config: LandscapeConfig, granularity: str = "layer", xi: float = 1.0):
-    from robust_flat.weights import Neighbourhood
-
     return Neighbourhood(xi=xi, granularity=granularity, selection=config.layer_selection)
 
 
 def _normalize(direction, params, scale, config: LandscapeConfig, mode: str):
-    from robust_flat.weights import normalize, selection_mask
-
     if mode in ("layer", "filter"):
         d = normalize(direction, params, _neighbourhood(config, mode))
         return jax.tree.map(lambda leaf: (scale * leaf).astype(leaf.dtype), d)
@@ -173,9 +167,6 @@ def adversarial_directions(logits_fn, params, model_state, x, y, key, config: La
                            num: Optional[int] = None, scale: Optional[float] = None) -> list:
     """``num`` (default ``config.num_directions``) adversarial directions: weight attacks from independent random
     starts on the CE at adversarial examples computed once by ``config.direction_pgd`` at ``params``."""
-    from robust_flat.models import bind
-    from robust_flat.weights import WeightAttackConfig, weight_attack
-
     num = config.num_directions if num is None else num
     k_pgd, k_dirs = jax.random.split(key)
     x_adv = pgd(bind(logits_fn, params, model_state), jnp.asarray(x), jnp.asarray(y), k_pgd, config.direction_pgd)
@@ -194,8 +185,6 @@ def hessian_direction(logits_fn, params, model_state, x, y, key, config: Landsca
     """The top Hessian eigenvector (default :class:`robust_flat.hessian.HessianConfig`: clean CE, >= 2-dim
     tensors; one batch = all of ``x``) as a direction, normalized layer-wise and scaled by ``config.hessian_scale``.
     Returns ``(direction, lambda_max)``."""
-    from robust_flat import hessian as H
-
     if hessian_config is None:
         hessian_config = H.HessianConfig(batch_size=len(x))
     op = H.HessianOperator(logits_fn, params, model_state, x, y, hessian_config, key=jax.random.fold_in(key, 1))
@@ -214,8 +203,6 @@ def global_norm(direction) -> float:
 
 # ------------------------------------------------------------------------------------------------- evaluation
 def _point(logits_fn, params, model_state, d1, d2, a, b, x, y, key, pgd_config):
-    from robust_flat.models import bind
-
     p = jax.tree.map(lambda w, u, v: w + (a * u + b * v).astype(w.dtype), params, d1, d2)
     x_adv = pgd.raw(bind(logits_fn, p, model_state), x, y, key, pgd_config)
     adv_logits = logits_fn(p, model_state, x_adv)
@@ -377,64 +364,60 @@ def plot_surface(surface: dict, path: str, metric: str = "robust_loss", title: s
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
-def _arg(args, name: str, default):
-    value = getattr(args, name, None)
-    return default if value is None else value
-
-
 def config_from_args(args) -> LandscapeConfig:
+    """A :class:`LandscapeConfig` from CLI attributes (see :func:`run_cli`); strings are converted."""
+    arg = H.cli_arg
     base = LandscapeConfig()
-    pgd_steps = int(_arg(args, "pgd_steps", base.pgd.steps))
-    eps = float(_arg(args, "eps", base.pgd.eps))
+    eps = float(arg(args, "eps", base.pgd.eps))
+    granularity = arg(args, "granularity", "layer")  # experiments/flatness.py's --granularity, if no normalization
     return LandscapeConfig(
-        steps=int(_arg(args, "steps", base.steps)), span=float(_arg(args, "span", base.span)),
-        surface_steps=int(_arg(args, "surface_steps", base.surface_steps)),
-        num_directions=int(_arg(args, "num_directions", base.num_directions)),
-        normalization=_arg(args, "normalization", base.normalization),
-        random_scale=float(_arg(args, "random_scale", base.random_scale)),
-        adversarial_scale=float(_arg(args, "adversarial_scale", base.adversarial_scale)),
-        hessian_scale=float(_arg(args, "hessian_scale", base.hessian_scale)),
-        pgd=PGDConfig(eps=eps, steps=pgd_steps),
-        direction_pgd=PGDConfig(eps=eps, steps=int(_arg(args, "direction_pgd_steps", base.direction_pgd.steps))),
-        adversarial_xi=float(_arg(args, "adversarial_xi", base.adversarial_xi)),
-        adversarial_lr=float(_arg(args, "adversarial_lr", base.adversarial_lr)),
-        adversarial_steps=int(_arg(args, "adversarial_steps", base.adversarial_steps)),
-        hessian_iters=int(_arg(args, "lanczos_iters", base.hessian_iters)))
+        steps=int(arg(args, "steps", base.steps)), span=float(arg(args, "span", base.span)),
+        surface_steps=int(arg(args, "surface_steps", base.surface_steps)),
+        num_directions=int(arg(args, "num_directions", arg(args, "samples", base.num_directions))),
+        normalization=arg(args, "normalization", granularity if granularity in NORMALIZATIONS else "layer"),
+        random_scale=float(arg(args, "random_scale", base.random_scale)),
+        adversarial_scale=float(arg(args, "adversarial_scale", base.adversarial_scale)),
+        hessian_scale=float(arg(args, "hessian_scale", base.hessian_scale)),
+        pgd=PGDConfig(eps=eps, steps=int(arg(args, "pgd_steps", base.pgd.steps))),
+        direction_pgd=PGDConfig(eps=eps, steps=int(arg(args, "direction_pgd_steps", base.direction_pgd.steps))),
+        adversarial_xi=float(arg(args, "adversarial_xi", base.adversarial_xi)),
+        adversarial_lr=float(arg(args, "adversarial_lr", base.adversarial_lr)),
+        adversarial_steps=int(arg(args, "adversarial_steps", base.adversarial_steps)),
+        hessian_iters=int(arg(args, "lanczos_iters", base.hessian_iters)))
 
 
 def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
-    """``experiments/flatness.py --measure landscape``: writes ``landscape.json`` + ``landscape.png`` and, with
-    ``args.surface`` (e.g. ``"random,random"`` or ``"random,adversarial"``), ``surface.json``, ``surface.npz``,
-    ``surface.png``.
+    """``experiments/flatness.py --measure landscape``: writes ``NAME.json`` and ``NAME.png`` to ``out_dir`` and,
+    with ``args.surface`` (two kinds, e.g. ``"random,random"`` or ``"random,adversarial"``), ``NAME_surface.json``,
+    ``NAME_surface.npz`` and ``NAME_surface.png``; ``NAME`` = ``args.name`` or ``landscape_{snapshot}``.
 
-    ``args`` fields (all optional): ``directions`` ("random,adversarial"; "hessian" too), ``num_directions`` (10),
-    ``steps`` (51), ``span`` (1), ``normalization`` ("layer"), ``random_scale`` (0.5), ``adversarial_scale``
-    (0.025), ``hessian_scale`` (0.5), ``pgd_steps`` (20), ``eps`` (8/255), ``num_examples`` (128: the first 128 of
-    ``x``), ``surface`` (None), ``surface_steps`` (21), ``seed`` (0), ``use_ema`` (False).
+    ``args`` fields (all optional; strings are converted): ``directions`` ("random,adversarial"; also "hessian"),
+    ``num_directions`` (else ``samples``, else 10), ``steps`` (51), ``span`` (1), ``normalization`` (else
+    ``granularity`` if layer/filter, else "layer"; "layer_max" = the code), ``random_scale`` (0.5),
+    ``adversarial_scale`` (0.025), ``hessian_scale`` (0.5), ``pgd_steps`` (20), ``eps`` (8/255), ``num_examples``
+    (128: the first 128 of ``x``; the driver's default subset is the code's last 100 test images, D8),
+    ``surface`` (None), ``surface_steps`` (21), ``adversarial_xi``/``adversarial_lr``/``adversarial_steps``/
+    ``direction_pgd_steps`` (0.005/0.01/7/10), ``lanczos_iters`` (40), ``seed`` (0), ``use_ema`` (False).
     """
-    from robust_flat.models import make_logits_fn
-
+    arg = H.cli_arg
     os.makedirs(out_dir, exist_ok=True)
     config = config_from_args(args)
-    seed = int(_arg(args, "seed", 0))
-    n = int(_arg(args, "num_examples", 128))
+    seed = int(arg(args, "seed", 0))
+    n = int(arg(args, "num_examples", 128))
     x, y = np.asarray(x)[:n], np.asarray(y)[:n]
-    params = loaded_run.params
-    if getattr(args, "use_ema", False) and getattr(loaded_run, "ema_params", None) is not None:
-        params = loaded_run.ema_params
-    kinds = _arg(args, "directions", "random,adversarial")
+    params = H.cli_params(args, loaded_run)
+    name = H.cli_output_name(args, loaded_run, "landscape")
+    kinds = arg(args, "directions", "random,adversarial")
     kinds = [k.strip() for k in kinds.split(",")] if isinstance(kinds, str) else list(kinds)
     logits_fn = make_logits_fn(loaded_run.model, train=False)
     key_1d, key_2d = jax.random.split(jax.random.PRNGKey(seed))
     t0 = time.perf_counter()
     result = landscape_1d(logits_fn, params, loaded_run.model_state, x, y, key_1d, config, kinds)
-    result.update(config=dataclasses.asdict(config), seed=seed, epoch=getattr(loaded_run, "epoch", None), seconds=time.perf_counter() - t0)
-    with open(os.path.join(out_dir, "landscape.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    plot_1d(result, os.path.join(out_dir, "landscape.png"), title=f"epoch {result['epoch']}")
-    surface = _arg(args, "surface", None)
+    result.update(config=dataclasses.asdict(config), seed=seed, epoch=getattr(loaded_run, "epoch", None),
+                  use_ema=bool(arg(args, "use_ema", False)), seconds=time.perf_counter() - t0)
+    surface = arg(args, "surface", None)
     if surface:
-        names = [k.strip() for k in surface.split(",")]
+        names = [k.strip() for k in str(surface).split(",")]
         if len(names) != 2:
             raise ValueError(f"surface needs two direction kinds like 'random,random', got {surface!r}")
         k_pgd, k1, k2 = jax.random.split(key_2d, 3)
@@ -443,12 +426,20 @@ def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
         t0 = time.perf_counter()
         surf = loss_surface(logits_fn, params, loaded_run.model_state, x, y, d1, d2, k_pgd, config)
         surf.update(label_a=f"a ({names[0]})", label_b=f"b ({names[1]})", seconds=time.perf_counter() - t0)
-        with open(os.path.join(out_dir, "surface.json"), "w") as f:
+        with open(os.path.join(out_dir, f"{name}_surface.json"), "w") as f:
             json.dump(surf, f)
-        np.savez(os.path.join(out_dir, "surface.npz"), **{k: np.asarray(v) for k, v in surf.items()
-                                                          if k in ("a", "b") + METRICS})
-        plot_surface(surf, os.path.join(out_dir, "surface.png"))
-        result["surface"] = {"file": "surface.json", "directions": names}
+        np.savez(os.path.join(out_dir, f"{name}_surface.npz"),
+                 **{k: np.asarray(v) for k, v in surf.items() if k in ("a", "b") + METRICS})
+        plot_surface(surf, os.path.join(out_dir, f"{name}_surface.png"),
+                     title=f"robust loss, epoch {result['epoch']}")
+        result["surface"] = {"file": f"{name}_surface.json", "directions": names}
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    plot_1d(result, os.path.join(out_dir, f"{name}.png"), title=f"epoch {result['epoch']}")
+    at_end = {k: r["aggregate"]["robust_loss"][-1] for k, r in result["kinds"].items()}
+    print(f"landscape ({len(x)} examples): unperturbed RLoss {result['unperturbed']['robust_loss']:.4f}, at s=+"
+          f"{config.span:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in at_end.items()) + f" -> {path}")
     return result
 
 

@@ -183,8 +183,8 @@ def test_run_cli_writes_json_and_png(tiny, tmp_path):
     args = types.SimpleNamespace(k=2, lanczos_iters=30, seed=0, batch_size=16, trace_probes=5, density_probes=2)
     x, y = tiny.x[:32], tiny.y[:32]
     summary = H.run_cli(args, run, x, y, str(tmp_path))
-    saved = json.loads((tmp_path / "hessian.json").read_text())
-    assert (tmp_path / "hessian_density.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "hessian_ep3.json").read_text())
+    assert (tmp_path / "hessian_ep3_density.png").stat().st_size > 1000
     assert saved["lambda_max"] == pytest.approx(summary["lambda_max"])
     assert saved["num_batches"] == 2 and saved["dim"] == 514 and len(saved["top_eigenvalues"]) == 2
     assert len(saved["density"]["grid"]) == len(saved["density"]["density"])

@@ -132,15 +132,15 @@ def test_run_cli_writes_json_npz_and_png(tiny, tmp_path):
     x = np.concatenate([tiny.x, tiny.x[:4]])  # 20 examples; the CLI uses the first num_examples
     y = np.concatenate([tiny.y, tiny.y[:4]])
     result = L.run_cli(args, run, x, y, str(tmp_path))
-    saved = json.loads((tmp_path / "landscape.json").read_text())
+    saved = json.loads((tmp_path / "landscape_ep7.json").read_text())
     assert saved["num_examples"] == 16 and saved["epoch"] == 7 and set(saved["kinds"]) == {"random", "hessian"}
     assert saved["kinds"]["hessian"]["lambda_max"] > 0 and len(saved["kinds"]["hessian"]["curves"]) == 1
     assert saved["kinds"]["random"]["aggregate"]["robust_loss"] == pytest.approx(
         result["kinds"]["random"]["aggregate"]["robust_loss"])
-    surf = np.load(tmp_path / "surface.npz")
+    surf = np.load(tmp_path / "landscape_ep7_surface.npz")
     assert surf["robust_loss"].shape == (3, 3)
     assert np.isfinite(surf["robust_loss"]).all() and np.ptp(surf["clean_loss"]) > 0
-    for name in ("landscape.png", "surface.png"):
+    for name in ("landscape_ep7.png", "landscape_ep7_surface.png"):
         assert (tmp_path / name).stat().st_size > 1000
 
 
