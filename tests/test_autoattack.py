@@ -1,0 +1,158 @@
+"""AutoAttack cascade: worst-case semantics, per-example records, fixed shapes, resuming, bad inputs."""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from robust_flat import xla
+from robust_flat.attacks.autoattack import (AutoAttackConfig, CascadeState, Component, autoattack, predict,
+                                            run_cascade)
+from toy_task import make_data, toy_logits_fn
+
+N, SIZE, BS = 40, 16, 16  # 40 points in batches of 16: every stage has a padded last batch
+EPS = 3 / 255
+FAST = AutoAttackConfig(eps=EPS, version="fast", n_iter=10, n_target_classes=2)
+QUIET = dict(batch_size=BS, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    f = toy_logits_fn(SIZE)
+    x, y = make_data(N, SIZE, seed=11)
+    return f, x, y
+
+
+@pytest.fixture(scope="module")
+def fast(setup):
+    f, x, y = setup
+    return autoattack(f, x, y, jax.random.key(0), FAST, **QUIET)
+
+
+def test_never_weaker_than_a_component(setup, fast):
+    f, x, y = setup
+    acc = fast.accuracy()
+    assert list(acc) == ["clean", "apgd-ce", "apgd-t"]
+    assert acc["clean"] >= acc["apgd-ce"] >= acc["apgd-t"]
+    assert 0 < acc["apgd-t"] < acc["clean"]  # informative: some, not all, points broken
+    alone = {name: autoattack(f, x, y, jax.random.key(0), dataclasses.replace(FAST, version="custom",
+                                                                              attacks=(name,)), **QUIET).accuracy()
+             for name in ("apgd-ce", "apgd-t")}
+    for name in alone:
+        assert acc["apgd-t"] <= alone[name][name]
+        assert alone[name]["clean"] == acc["clean"]
+    # the first attack sees the same batches and keys alone and in the cascade: identical result
+    assert alone["apgd-ce"]["apgd-ce"] == acc["apgd-ce"]
+
+
+def test_flags_match_the_returned_examples(setup, fast):
+    f, x, y = setup
+    x_adv = fast.x_adv
+    correct = np.asarray(jnp.argmax(f(jnp.asarray(x_adv)), axis=1)) == y
+    np.testing.assert_array_equal(fast.robust, correct)
+    assert fast.accuracy()["apgd-t"] == pytest.approx(correct.mean())
+    delta = (x_adv - x).reshape(N, -1)
+    assert np.abs(delta).max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    np.testing.assert_allclose(fast.perturbation_norm, np.abs(delta).max(1), atol=1e-6)
+    names = np.array(fast.broken_by_names(), dtype=object)
+    clean_ok = np.asarray(jnp.argmax(f(jnp.asarray(x)), axis=1)) == y
+    np.testing.assert_array_equal(names == "clean", ~clean_ok)
+    np.testing.assert_array_equal(names == None, fast.robust)  # noqa: E711
+    assert set(names[~fast.robust & clean_ok]) <= {"apgd-ce", "apgd-t"}
+    np.testing.assert_array_equal(fast.perturbation_norm[names == None] == 0, True)  # noqa: E711
+
+
+def test_cascade_attacks_only_robust_points(fast):
+    clean_ok = fast.clean_correct
+    np.testing.assert_array_equal(fast.attempted[0], clean_ok)
+    np.testing.assert_array_equal(fast.attempted[1], clean_ok & (fast.broken_by != 0))
+
+
+def test_same_key_same_result(setup, fast):
+    f, x, y = setup
+    again = autoattack(f, x, y, jax.random.key(0), FAST, **QUIET)
+    np.testing.assert_array_equal(again.x_adv, fast.x_adv)
+    np.testing.assert_array_equal(again.broken_by, fast.broken_by)
+
+
+# ------------------------------------------------------------------ cheap fake attacks for the mechanics
+TRACES = {"count": 0}
+
+
+def _noise_attack(logits_fn, x, y, key, config):
+    TRACES["count"] += 1  # runs at trace time only
+    step = config * jnp.sign(jax.random.uniform(key, x.shape, minval=-1.0, maxval=1.0))
+    return jnp.clip(x + step, 0.0, 1.0)
+
+
+noise_attack = xla.jit(_noise_attack, static_argnames=("config",))
+
+
+def _fake_cascade():
+    return [Component("noise-a", noise_attack, 0.25), Component("noise-b", noise_attack, 0.3)]
+
+
+def test_no_recompiles_for_changing_robust_counts(setup):
+    f, x, y = setup
+    TRACES["count"] = 0
+    state = run_cascade(f, x, y, jax.random.key(1), _fake_cascade(), norm="linf", **QUIET)
+    n_robust = [int(state.clean_correct.sum()), int((state.clean_correct & (state.broken_by != 0)).sum())]
+    assert n_robust[0] != n_robust[1] and n_robust[1] % BS != 0  # different, padded sizes ...
+    assert TRACES["count"] == 2  # ... but one compile per attack config
+
+
+def test_resume_reproduces_the_uninterrupted_run(setup):
+    f, x, y = setup
+    full = run_cascade(f, x, y, jax.random.key(2), _fake_cascade(), norm="l2", **QUIET)
+    saved = {}
+
+    def interrupt(state, stage, done, total):
+        saved["state"] = json.dumps(state.to_dict())
+        if stage == "noise-a" and done >= BS:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cascade(f, x, y, jax.random.key(2), _fake_cascade(), norm="l2", on_batch=interrupt, **QUIET)
+    partial = CascadeState.from_dict(json.loads(saved["state"]))
+    assert 0 < partial.attempted[0].sum() < full.attempted[0].sum()
+    resumed = run_cascade(f, x, y, jax.random.key(2), _fake_cascade(), norm="l2", state=partial, **QUIET)
+    np.testing.assert_array_equal(resumed.broken_by, full.broken_by)
+    np.testing.assert_allclose(resumed.perturbation_norm, full.perturbation_norm, rtol=1e-6)
+    assert resumed.accuracy() == full.accuracy()
+    assert 0 < full.accuracy()["noise-b"] < full.accuracy()["clean"]
+
+
+def test_standard_version(setup, fast):
+    pytest.importorskip("robust_flat.attacks.fab")
+    pytest.importorskip("robust_flat.attacks.square")
+    f, x, y = setup
+    std = dataclasses.replace(FAST, version="standard", square_queries=50)
+    state = autoattack(f, x, y, jax.random.key(0), std, **QUIET)
+    acc = state.accuracy()
+    assert list(acc) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+    # the first two attacks see the same points, batches and keys as in "fast": identical up to there
+    assert acc["apgd-t"] == fast.accuracy()["apgd-t"]
+    assert acc["square"] <= acc["fab-t"] <= acc["apgd-t"]
+    correct = predict(f, jnp.asarray(state.x_adv)) == y
+    np.testing.assert_array_equal(state.robust, correct)
+
+
+def test_bad_inputs(setup):
+    f, x, y = setup
+    with pytest.raises(ValueError, match="eps"):
+        AutoAttackConfig(eps=0.0)
+    with pytest.raises(ValueError, match="version"):
+        AutoAttackConfig(version="strongest")
+    with pytest.raises(ValueError, match="unknown attack"):
+        AutoAttackConfig(version="custom", attacks=("apgd-ce", "cw"))
+    with pytest.raises(ValueError, match="custom"):
+        AutoAttackConfig(version="standard", attacks=("apgd-ce",))
+    with pytest.raises(ValueError, match="custom"):
+        AutoAttackConfig(version="custom")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        autoattack(f, x + 1.0, y, jax.random.key(0), FAST, **QUIET)
+    with pytest.raises(ValueError, match="state"):
+        run_cascade(f, x, y, jax.random.key(0), _fake_cascade(), norm="linf",
+                    state=CascadeState.new(N, ("apgd-ce",)), **QUIET)
