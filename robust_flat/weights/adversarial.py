@@ -83,20 +83,25 @@ def _tree_axpy(a, x, y):
     return jax.tree.map(lambda xi, yi: yi + (a * xi).astype(yi.dtype), x, y)
 
 
-def init_state(params, x, key, config: WeightAttackConfig):
-    """``(nu_0, delta_0)``: nu from ``config.init`` in the ball, delta from the input attack's init (projected), or
-    ``None`` without an input attack."""
-    k_nu, k_delta = jax.random.split(key)
-    nb = config.neighbourhood
+def init_nu(params, key, config: WeightAttackConfig):
+    """nu_0 from ``config.init`` in the ball (zeros for ``"zero"``)."""
     if config.init == "zero":
-        nu = nbh.zeros(params)
-    else:
-        nu = wrandom.sample(k_nu, params, nb, config.init)
+        return nbh.zeros(params)
+    return wrandom.sample(key, params, config.neighbourhood, config.init)
+
+
+def init_input(x, key, config: WeightAttackConfig):
+    """delta_0 from the input attack's init, projected onto the box and the eps-ball (None without input attack)."""
     ia = config.input_attack
-    delta = None
-    if ia is not None:
-        delta = project_input(init_delta(k_delta, x, ia.eps, ia.norm, ia.init), x, ia.eps, ia.norm)
-    return nu, delta
+    if ia is None:
+        return None
+    return project_input(init_delta(key, x, ia.eps, ia.norm, ia.init), x, ia.eps, ia.norm)
+
+
+def init_state(params, x, key, config: WeightAttackConfig):
+    """``(nu_0, delta_0)`` from one key (split into a weight key and an input key)."""
+    k_nu, k_delta = jax.random.split(key)
+    return init_nu(params, k_nu, config), init_input(x, k_delta, config)
 
 
 def _ones_mask(x):

@@ -60,10 +60,10 @@ class Neighbourhood:
 def _flatten(tree, params, nb: Neighbourhood):
     """Leaves of ``tree`` (structured like ``params``), the selection mask and the treedef."""
     leaves, treedef = jax.tree.flatten(tree)
+    if tree is not params and treedef != jax.tree.structure(params):
+        raise ValueError(f"the perturbation's tree structure {treedef} differs from the params' "
+                         f"{jax.tree.structure(params)}; pass a pytree with the structure of params")
     mask = jax.tree.leaves(selection_mask(params, nb.selection))
-    if len(mask) != len(leaves):
-        raise ValueError(f"perturbation has {len(leaves)} leaves but params have {len(mask)}; pass a pytree with "
-                         "the structure of params")
     return leaves, mask, treedef
 
 
@@ -135,9 +135,7 @@ def zeros(params):
 def perturb(params, nu, nb: Neighbourhood):
     """``w + nu`` on the selected leaves; unselected leaves of ``params`` are returned untouched."""
     p_leaves, mask, treedef = _flatten(params, params, nb)
-    n_leaves = jax.tree.leaves(nu)
-    if len(n_leaves) != len(p_leaves):
-        raise ValueError(f"perturbation has {len(n_leaves)} leaves but params have {len(p_leaves)}")
+    n_leaves, _, _ = _flatten(nu, params, nb)
     out = [(p + n.astype(p.dtype)) if m else p for p, n, m in zip(p_leaves, n_leaves, mask)]
     return jax.tree.unflatten(treedef, out)
 

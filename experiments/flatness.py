@@ -1,0 +1,292 @@
+"""Flatness of a trained model: ``python -m experiments.flatness --run-dir RUN --snapshot N|best|last --measure M``.
+
+Measures (paper defaults; see :mod:`robust_flat.flatness`):
+
+* ``avg``          average-case flatness of the robust loss: xi 0.5, 10 samples, PGD-20 inside, reference PGD-20 x 10
+* ``worst``        worst-case flatness of the robust loss: joint weight+input attack, xi 0.003, weight lr 0.001,
+                   20 iterations, 10 restarts (max over restarts of the dataset-mean loss)
+* ``clean_avg``, ``clean_worst``   the same for the clean cross-entropy
+* ``hessian``, ``landscape``       dispatched to ``robust_flat.hessian.run_cli`` / ``robust_flat.landscape.run_cli``;
+  options this script does not know (``--k 4``, ``--directions random``) are passed to them as attributes.
+
+Data: ``--subset`` (default ``test_first1000``, the paper's; ``test_last500`` for the Hessian, ``test_last100`` for
+the landscape), the first ``--n-examples`` of it (default 1000 for the flatness measures).
+
+Output: ``RUN/flatness/<name>.json`` (summary) and ``<name>.npz`` (per-example losses), ``<name>`` =
+``{measure}_xi{xi}_{snapshot}`` unless ``--name``. Interrupted runs resume: each finished sample/restart and the
+reference loss are written atomically (temp file + ``os.replace``) under ``RUN/flatness/.partial/<name>-<hash>/``
+(the hash covers every setting that changes the numbers); a rerun skips them. Keys derive from ``--seed``, so a
+resumed run gives the same numbers as an uninterrupted one. A finished result is not recomputed unless ``--fresh``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import sys
+import tempfile
+from typing import Callable, Optional
+
+import numpy as np
+
+FLATNESS_MEASURES = ("avg", "worst", "clean_avg", "clean_worst")
+DISPATCHED = ("hessian", "landscape")
+DEFAULT_SUBSET = {"hessian": "test_last500", "landscape": "test_last100"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.flatness", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="training run directory (config.json, checkpoints/)")
+    p.add_argument("--snapshot", default="last", help="epoch number, 'best' or 'last' (default)")
+    p.add_argument("--measure", required=True, choices=FLATNESS_MEASURES + DISPATCHED)
+    p.add_argument("--xi", type=float, default=None, help="neighbourhood radius (default 0.5 avg, 0.003 worst)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="random samples (avg) or restarts (worst); default 10")
+    p.add_argument("--n-examples", type=int, default=None, help="first N examples of the subset (default 1000 for "
+                   "the flatness measures, all of the subset otherwise)")
+    p.add_argument("--subset", default=None, help="evaluation subset (default test_first1000)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--use-ema", action="store_true", help="evaluate the weight-averaged parameters")
+    p.add_argument("--eps", type=float, default=8 / 255, help="L-inf radius of the input attacks")
+    p.add_argument("--pgd-steps", type=int, default=20, help="PGD iterations (inner max and reference)")
+    p.add_argument("--reference-restarts", type=int, default=10)
+    p.add_argument("--attack-iters", type=int, default=20, help="joint weight(+input) attack iterations (worst)")
+    p.add_argument("--weight-lr", type=float, default=0.001, help="worst-case weight lr (paper 0.001; code 0.01)")
+    p.add_argument("--nu-per", choices=("batch", "dataset"), default="batch",
+                   help="new nu per batch (paper, default) or one nu for the whole dataset (code)")
+    p.add_argument("--distribution", choices=("ball", "sphere", "uniform_norm"), default="ball",
+                   help="average-case nu: in the ball (paper, default) or on the sphere (code)")
+    p.add_argument("--granularity", choices=("layer", "filter", "global"), default="layer")
+    p.add_argument("--strategy", choices=("loop", "chunked", "vmap"), default=None,
+                   help="how the samples are evaluated (default: loop on CPU, chunked elsewhere)")
+    p.add_argument("--chunk-size", type=int, default=2)
+    p.add_argument("--name", default=None, help="output file name (without .json)")
+    p.add_argument("--fresh", action="store_true", help="ignore finished and partial results")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _extra_args(extra: list[str], ns: argparse.Namespace) -> argparse.Namespace:
+    """``--some-opt value`` / ``--flag`` pairs -> attributes ``some_opt`` (for the hessian/landscape modules)."""
+    i = 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--"):
+            raise SystemExit(f"unexpected argument {tok!r}")
+        name, _, value = tok[2:].partition("=")
+        if not value:
+            if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+                value, i = extra[i + 1], i + 1
+            else:
+                value = True
+        setattr(ns, name.replace("-", "_"), value)
+        i += 1
+    return ns
+
+
+def make_config(args, clip_weights: Optional[float] = None):
+    """The flatness configuration for ``args.measure`` (paper defaults, overridden by the CLI options)."""
+    from robust_flat.attacks.pgd import PGDConfig
+    from robust_flat.flatness import AverageCaseConfig, WorstCaseConfig
+    from robust_flat.weights import Neighbourhood, WeightAttackConfig
+
+    robust = not args.measure.startswith("clean_")
+    worst = args.measure.endswith("worst")
+    xi = args.xi if args.xi is not None else (0.003 if worst else 0.5)
+    samples = args.samples if args.samples is not None else 10
+    nb = Neighbourhood(xi=xi, granularity=args.granularity, box=clip_weights or None)
+    inner = PGDConfig(eps=args.eps, step_size=0.007, steps=args.pgd_steps) if robust else None
+    reference = (PGDConfig(eps=args.eps, step_size=0.007, steps=args.pgd_steps, restarts=args.reference_restarts)
+                 if robust else None)
+    common = dict(reference_attack=reference, nu_per=args.nu_per, batch_size=args.batch_size,
+                  strategy=args.strategy, chunk_size=args.chunk_size)
+    if worst:
+        attack = WeightAttackConfig(neighbourhood=nb, lr=args.weight_lr, steps=args.attack_iters,
+                                    input_attack=inner)
+        return WorstCaseConfig(attack=attack, restarts=samples, **common)
+    return AverageCaseConfig(neighbourhood=nb, samples=samples, distribution=args.distribution, attack=inner,
+                             **common)
+
+
+# ------------------------------------------------------------------------------------------------ persistence
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+    import io
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_unit(partial_dir: str, k: int, losses: np.ndarray) -> None:
+    atomic_save_npy(os.path.join(partial_dir, f"unit_{k:04d}.npy"), losses)
+
+
+def load_units(partial_dir: str, n_units: int, n_examples: int) -> dict[int, np.ndarray]:
+    done = {}
+    for k in range(n_units):
+        path = os.path.join(partial_dir, f"unit_{k:04d}.npy")
+        if os.path.isfile(path):
+            arr = np.load(path)
+            if arr.shape == (n_examples,):
+                done[k] = arr
+    return done
+
+
+def fingerprint(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _snapshot_tag(snapshot, epoch) -> str:
+    return f"{snapshot}-ep{epoch}" if snapshot in ("best", "last") else f"ep{snapshot}"
+
+
+def _load_data(load_eval_set, loaded, subset, data_dir, n):
+    x, y = load_eval_set(loaded.config, subset, data_dir)
+    if n is not None:
+        if n > len(x):
+            raise SystemExit(f"--n-examples {n} but subset {subset} has only {len(x)} examples")
+        x, y = x[:n], y[:n]
+    return np.asarray(x, np.float32), np.asarray(y, np.int32)
+
+
+def _dispatch(measure, args, loaded, x, y, out_dir):
+    try:
+        module = importlib.import_module(f"robust_flat.{measure}")
+    except ModuleNotFoundError as e:
+        if e.name != f"robust_flat.{measure}":
+            raise
+        raise SystemExit(f"--measure {measure} needs robust_flat/{measure}.py, which is not installed") from None
+    if not hasattr(module, "run_cli"):
+        raise SystemExit(f"robust_flat.{measure} has no run_cli(args, loaded_run, x, y, out_dir) function")
+    return module.run_cli(args, loaded, x, y, out_dir)
+
+
+def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = None,
+         load_eval_set: Optional[Callable] = None) -> dict:
+    """Run the CLI; returns the result dict. ``load_run``/``load_eval_set`` default to
+    :func:`robust_flat.checkpoint.load_run` / :func:`robust_flat.data.load_eval_set` (injectable for tests)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.measure in FLATNESS_MEASURES:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = _extra_args(extra, args)
+    if load_run is None:
+        from robust_flat.checkpoint import load_run
+    if load_eval_set is None:
+        from robust_flat.data import load_eval_set
+
+    snapshot = args.snapshot if args.snapshot in ("best", "last") else int(args.snapshot)
+    loaded = load_run(args.run_dir, snapshot)
+    out_dir = os.path.join(args.run_dir, "flatness")
+    subset = args.subset or DEFAULT_SUBSET.get(args.measure, "test_first1000")
+    if args.measure in DISPATCHED:
+        x, y = _load_data(load_eval_set, loaded, subset, args.data_dir, args.n_examples)
+        return _dispatch(args.measure, args, loaded, x, y, out_dir)
+
+    import jax
+
+    from robust_flat.flatness import average_case, config_to_dict, total_work, worst_case
+    from robust_flat.models import make_logits_fn
+
+    params = loaded.params
+    if args.use_ema:
+        if loaded.ema_params is None:
+            raise SystemExit("--use-ema: this run has no weight-averaged parameters")
+        params = loaded.ema_params
+    clip = None
+    try:
+        clip = loaded.config.train.get("clip_weights")
+    except (AttributeError, KeyError):
+        pass
+    config = make_config(args, clip)
+    n = args.n_examples if args.n_examples is not None else 1000
+    x, y = _load_data(load_eval_set, loaded, subset, args.data_dir, n)
+
+    xi = config.neighbourhood.xi if hasattr(config, "neighbourhood") else config.attack.neighbourhood.xi
+    name = args.name or f"{args.measure}_xi{xi:g}_{_snapshot_tag(args.snapshot, loaded.epoch)}"
+    cfg_dict = config_to_dict(config)
+    cfg_dict.pop("strategy", None)  # evaluation strategy does not change the numbers
+    cfg_dict.pop("chunk_size", None)
+    payload = {"config": cfg_dict, "measure": args.measure, "seed": args.seed, "subset": subset, "n": len(x),
+               "epoch": loaded.epoch, "step": loaded.step, "snapshot": str(args.snapshot), "ema": args.use_ema,
+               "labels": hashlib.sha256(y.tobytes()).hexdigest()[:12]}
+    fp = fingerprint(payload)
+    json_path = os.path.join(out_dir, f"{name}.json")
+    partial_dir = os.path.join(out_dir, ".partial", f"{name}-{fp}")
+
+    if not args.fresh and os.path.isfile(json_path):
+        with open(json_path) as f:
+            previous = json.load(f)
+        if previous.get("fingerprint") == fp:
+            print(f"{json_path} is up to date (flatness {previous['flatness']:.4f}); use --fresh to recompute")
+            return previous
+    if args.fresh and os.path.isdir(partial_dir):
+        for f in os.listdir(partial_dir):
+            os.unlink(os.path.join(partial_dir, f))
+    os.makedirs(partial_dir, exist_ok=True)
+
+    done = load_units(partial_dir, config.units, len(x))
+    ref_path = os.path.join(partial_dir, "reference.npy")
+    reference = np.load(ref_path) if os.path.isfile(ref_path) else None
+    if reference is not None and reference.shape != (len(x),):
+        reference = None
+    nb = total_work(config, len(x), include_reference=reference is None)
+    per_unit = total_work(config, len(x), include_reference=False) // config.units
+    total = nb - per_unit * len(done)
+    if done or reference is not None:
+        print(f"resuming: {len(done)}/{config.units} samples and {'the' if reference is not None else 'no'} "
+              f"reference loss already done ({partial_dir})")
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=f"{args.measure} xi={xi:g}", unit="batch", disable=args.no_progress)
+
+    fn = worst_case if args.measure.endswith("worst") else average_case
+    logits_fn = make_logits_fn(loaded.model)  # eval-mode BN
+    try:
+        result = fn(logits_fn, params, loaded.model_state, x, y, jax.random.PRNGKey(args.seed), config,
+                    done=done, on_unit=lambda k, losses: save_unit(partial_dir, k, losses),
+                    reference=reference, on_reference=lambda r: atomic_save_npy(ref_path, r),
+                    progress=bar.update)
+    finally:
+        bar.close()
+
+    out = result.to_dict()
+    out.update({"fingerprint": fp, "run_dir": os.path.abspath(args.run_dir), "snapshot": str(args.snapshot),
+                "epoch": loaded.epoch, "step": loaded.step, "seed": args.seed, "subset": subset,
+                "use_ema": args.use_ema, "resumed_units": sorted(done)})
+    buf = __import__("io").BytesIO()
+    np.savez(buf, per_example=result.per_example, reference_per_example=result.reference_per_example)
+    atomic_write_bytes(os.path.join(out_dir, f"{name}.npz"), buf.getvalue())
+    atomic_write_bytes(json_path, (json.dumps(out, indent=2) + "\n").encode())
+    for f in os.listdir(partial_dir):
+        os.unlink(os.path.join(partial_dir, f))
+    os.rmdir(partial_dir)
+    print(f"{args.measure}: flatness {result.flatness:.4f} = {'mean' if fn is average_case else 'max'} perturbed "
+          f"{result.perturbed_mean if fn is average_case else result.perturbed_max:.4f} - reference "
+          f"{result.reference:.4f} (std over samples {result.perturbed_std:.4f}) -> {json_path}")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
