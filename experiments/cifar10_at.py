@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -28,6 +28,7 @@ _NO_PROGRESS = flags.DEFINE_bool("no-progress", False, "Disable the progress bar
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from robust_flat.checkpoint import CheckpointError
     from robust_flat.data import DataError
     from robust_flat.training.trainer import TrainingError, train

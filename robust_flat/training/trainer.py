@@ -47,7 +47,7 @@ class Interrupted(Exception):
 
 
 # Config entries that may differ between a run and its resumption (where the data lives, not what it is).
-_VOLATILE_KEYS = {("data", "data_dir")}
+_VOLATILE_KEYS = {("data", "data_dir"), ("debug", "sigkill_at_step")}
 
 
 def _flatten(d, prefix=()):

@@ -1,0 +1,94 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from robust_flat import models as M
+
+
+def _init(name, **kw):
+    m = M.create_model(name, **kw)
+    p, s = M.init_model(m, jax.random.PRNGKey(0))
+    return m, p, s
+
+
+def test_resnet18_parameter_count_and_shapes():
+    m, p, s = _init("resnet18")
+    # torchvision-style CIFAR ResNet-18 has 11,173,962; the paper's adds a stem-conv bias (64) and shortcut-conv
+    # biases (128 + 256 + 512).
+    assert M.count_params(p) == 11_173_962 + 64 + 896
+    assert p["conv1"]["kernel"].shape == (3, 3, 3, 64) and p["conv1"]["bias"].shape == (64,)
+    assert p["stage4_block0"]["shortcut_conv"]["kernel"].shape == (1, 1, 256, 512)
+    assert p["logits"]["kernel"].shape == (512, 10)
+    # re-parameterized BN: gamma starts at 0, effective scale 1 + gamma
+    assert np.all(np.asarray(p["norm1"]["scale"]) == 0)
+    out = M.make_logits_fn(m)(p, s, jnp.zeros((3, 32, 32, 3)))
+    assert out.shape == (3, 10)
+
+
+@pytest.mark.parametrize("name,count", [("small_cnn", 591_274), ("preact_resnet18", None), ("wrn28_10", None)])
+def test_models_build_and_output_shape(name, count):
+    m = M.create_model(name, num_classes=7)
+    shapes = jax.eval_shape(lambda: M.init_model(m, jax.random.PRNGKey(0)))
+    params, state = shapes
+    if count is not None:
+        assert M.count_params(M.init_model(M.create_model(name), jax.random.PRNGKey(0))[0]) == count
+    out = jax.eval_shape(M.make_logits_fn(m), params, state, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+    assert out.shape == (2, 7)
+
+
+def test_wrn34_10_depth():
+    m = M.create_model("wrn34_10")
+    params, _ = jax.eval_shape(lambda: M.init_model(m, jax.random.PRNGKey(0)))
+    assert len([k for k in params if k.startswith("stage")]) == 3 * 5
+    with pytest.raises(ValueError):
+        M.init_model(M.WideResNet(depth=27), jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "mish", "gelu", "gelu_erf"])
+def test_activations_and_options(activation):
+    m, p, s = _init("small_cnn", activation=activation, channels=(4, 8), hidden=8, norm="rebn", dropout=0.1)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    out = M.make_logits_fn(m)(p, s, x)
+    assert out.shape == (2, 10) and np.all(np.isfinite(out))
+
+
+def test_inputs_are_clamped_and_whitened_inside():
+    m, p, s = _init("small_cnn", channels=(4, 8), hidden=8)
+    f = M.make_logits_fn(m)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    # the clamp makes values outside [0, 1] equivalent to the box boundary
+    np.testing.assert_allclose(f(p, s, x + 2.0), f(p, s, jnp.ones_like(x)), rtol=1e-6)
+
+
+def test_train_mode_updates_batch_stats_and_eval_mode_does_not():
+    m, p, s = _init("resnet18", width=8)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    apply = M.make_apply_fn(m)
+    _, s_eval = apply(p, s, x, train=False)
+    _, s_train = apply(p, s, x, train=True)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), s_eval, s))
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), s_train, s))
+
+
+def test_normalization_off_has_no_batch_stats():
+    m, p, s = _init("resnet18", width=8, norm="none")
+    assert s == {}
+    assert not any("norm" in "/".join(map(str, k)) for k, _ in jax.tree_util.tree_flatten_with_path(p)[0])
+
+
+def test_logits_fns_are_hashable_and_bind_is_traceable():
+    m, p, s = _init("small_cnn", channels=(4, 8), hidden=8)
+    assert hash(M.make_logits_fn(m)) == hash(M.make_logits_fn(M.create_model("small_cnn", channels=(4, 8), hidden=8)))
+    f = M.bind(M.make_logits_fn(m), p, s)
+    x = jnp.zeros((1, 32, 32, 3))
+    np.testing.assert_allclose(jax.jit(lambda g, x: g(x))(f, x), f(x), rtol=1e-6)
+
+
+def test_unknown_model_or_option_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model"):
+        M.create_model("resnet1000")
+    with pytest.raises(ValueError, match="does not take"):
+        M.create_model("wrn28_10", channels=(1, 2))
+    with pytest.raises(ValueError, match="unknown activation"):
+        _init("small_cnn", activation="swishy")

@@ -1,0 +1,149 @@
+"""End-to-end training on the ``tiny`` preset: resume after SIGKILL, signals, NaN, config checks, sharding."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import clean as clean_config
+from experiments.configs import pgd_at as pgd_at_config
+from robust_flat.checkpoint import CheckpointError, load_run
+from robust_flat.training.trainer import TrainingError, prepare_run_dir, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(run_dir, *overrides, env=None):
+    cmd = [sys.executable, "-m", "experiments.cifar10_at", "--config=experiments/configs/pgd_at.py:tiny",
+           f"--run-dir={run_dir}", "--no-progress", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("runs") / "reference")
+    state = train(pgd_at_config.get_config("tiny"), run_dir, progress=False)
+    return run_dir, jax.device_get(state)
+
+
+def test_run_directory_layout_and_metrics(reference_run):
+    run_dir, state = reference_run
+    assert int(state.step) == 16  # 256 examples / batch 32 x 2 epochs
+    lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for key in ("train_loss", "test_robust_error", "train_robust_loss", "test_error", "es_robust_error"):
+        assert key in lines[0]
+    assert json.load(open(os.path.join(run_dir, "config.json")))["method"] == "pgd_at"
+    snaps = sorted(os.listdir(os.path.join(run_dir, "checkpoints", "snapshots")))
+    assert snaps == ["0", "1", "2"]
+    last = load_run(run_dir, "last")
+    assert _leaves_equal(last.params, state.params) and last.step == 16
+    best = load_run(run_dir, "best")
+    assert best.epoch in (1, 2)
+    assert load_run(run_dir, 1).epoch == 1
+    with pytest.raises(CheckpointError, match="no snapshot"):
+        load_run(run_dir, 7)
+
+
+def test_sigkill_mid_epoch_then_rerun_resumes_bit_identically(reference_run, tmp_path):
+    ref_dir, ref_state = reference_run
+    run_dir = str(tmp_path / "killed")
+    proc = _cli(run_dir, "--config.debug.sigkill_at_step=7")  # mid-epoch 1 (8 steps per epoch)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, out
+    assert 0 < load_run(run_dir, "last").step < 7  # a rolling checkpoint, not the end
+    proc = _cli(run_dir)  # the same command again
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "RESUME: step" in out
+    resumed = load_run(run_dir, "last")
+    reference = load_run(ref_dir, "last")
+    assert resumed.step == 16
+    assert _leaves_equal(resumed.params, reference.params)
+    assert _leaves_equal(resumed.model_state, reference.model_state)
+    a = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    b = [json.loads(x) for x in open(os.path.join(ref_dir, "metrics.jsonl"))]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("time_s", "images_per_s")}
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    run_dir = str(tmp_path / "interrupted")
+    proc = _cli(run_dir, "--config.train.epochs=50")
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    deadline = time.time() + 600
+    while time.time() < deadline and not (os.path.isdir(latest) and any(d.isdigit() for d in os.listdir(latest))):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert "INTERRUPTED" in out
+    step = int(out.split("INTERRUPTED by signal 2 at step ")[1].split(":")[0])
+    assert load_run(run_dir, "last").step == step
+
+
+def test_rerun_with_a_different_config_is_refused(tmp_path):
+    c = pgd_at_config.get_config("tiny")
+    prepare_run_dir(str(tmp_path), c)
+    c2 = pgd_at_config.get_config("tiny")
+    c2.attack.steps = 3
+    with pytest.raises(TrainingError, match=r"different config \(attack.steps: 2 -> 3\)"):
+        prepare_run_dir(str(tmp_path), c2)
+    c3 = pgd_at_config.get_config("tiny")
+    c3.data.data_dir = "/elsewhere"  # where the data lives may change
+    prepare_run_dir(str(tmp_path), c3)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
+    c = clean_config.get_config("tiny")
+    c.optimizer.lr = 1e30
+    with pytest.raises(TrainingError, match=r"non-finite training metrics at step \d+"):
+        train(c, str(tmp_path), progress=False)
+    snap = load_run(str(tmp_path), 0)  # the initial snapshot is intact
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(snap.params))
+
+
+def test_clean_training_learns_the_synthetic_task(tmp_path):
+    c = clean_config.get_config("tiny")
+    c.train.epochs = 1
+    train(c, str(tmp_path), progress=False)
+    rec = json.loads(open(os.path.join(tmp_path, "metrics.jsonl")).readline())
+    assert rec["test_error"] < 0.5  # chance is 0.9
+
+
+def test_corrupt_checkpoint_is_a_clear_error(reference_run, tmp_path):
+    import shutil
+
+    run_dir = str(tmp_path / "copy")
+    shutil.copytree(reference_run[0], run_dir)
+    ckpt = os.path.join(run_dir, "checkpoints", "latest", "16", "state")
+    for root, _, files in os.walk(ckpt):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_run(run_dir, "last")
+
+
+def test_two_devices_match_one_device(reference_run, tmp_path):
+    """Data-parallel sharding over 2 forced host devices gives the 1-device result within float tolerance."""
+    run_dir = str(tmp_path / "two")
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = _cli(run_dir, env=env)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "on 2 device(s)" in out
+    two = load_run(run_dir, "last")
+    one = load_run(reference_run[0], "last")
+    for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
