@@ -199,6 +199,10 @@ class HessianOperator:
     hashable. ``key`` is needed only for ``loss="robust"`` (the PGD start). Attributes: ``dim``, ``paths`` (the
     selected parameters, in the order of the flat vector), ``x_used`` (the inputs of the loss: ``x`` or the fixed
     adversarial examples), ``num_hvps`` and ``hvp_seconds`` (host-side counters).
+
+    Batches have a fixed shape (one compile): the last one is padded with zero-weight copies of other examples,
+    which is exact only for an eval-mode ``logits_fn`` (train-mode BN would mix the copies into the batch
+    statistics).
     """
 
     def __init__(self, logits_fn, params, model_state, x, y, config: HessianConfig = HessianConfig(),
