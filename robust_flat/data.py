@@ -277,22 +277,14 @@ def load_tfds(dataset: str, split: str, tfds_dir: Optional[str] = None) -> Array
         import tensorflow_datasets as tfds
     except ImportError:
         raise DataError(f"tensorflow-datasets is not installed (pip install -e '.[tfds]'); or {HOW_TO_GET_DATA}")
-    try:
-        builder = tfds.builder(name, data_dir=tfds_dir)
-        prepared = builder.is_prepared() if hasattr(builder, "is_prepared") else os.path.isdir(builder.data_dir)
-    except Exception as e:  # unknown name, broken install
-        raise DataError(f"tensorflow-datasets cannot build {name!r} ({type(e).__name__}: {e}); {HOW_TO_GET_DATA}")
-    if prepared:
-        try:  # ArrayRecord/Parquet: random access without TensorFlow
-            source = tfds.data_source(name, split=split, data_dir=tfds_dir, download=False)
-            x = np.stack([np.asarray(ex["image"]) for ex in source])
-            y = np.asarray([ex["label"] for ex in source], np.int32)
-        except Exception:
-            x, y = _tfds_numpy(tfds, name, split, tfds_dir, download=False)
-    else:
+    try:  # a prepared ArrayRecord/Parquet copy: random access, no TensorFlow, no network
+        source = tfds.data_source(name, split=split, data_dir=tfds_dir, download=False)
+        x = np.stack([np.asarray(ex["image"]) for ex in source])
+        y = np.asarray([ex["label"] for ex in source], np.int32)
+    except Exception:
         if not _online():
             raise DataError(f"{name} is not prepared in the TFDS data dir and this machine is offline; "
-                            f"{HOW_TO_GET_DATA}")
+                            f"{HOW_TO_GET_DATA}") from None
         x, y = _tfds_numpy(tfds, name, split, tfds_dir, download=True)
     x, y = validate(x, y, f"tfds:{name}")
     os.makedirs(os.path.dirname(cache), exist_ok=True)

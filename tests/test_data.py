@@ -151,3 +151,15 @@ def test_synthetic_data_is_labelled_and_deterministic():
     assert a[0].shape == (100, 32, 32, 3) and set(np.unique(a[1])) <= set(range(10))
     with pytest.raises(ValueError, match="unknown dataset"):
         D.load_split("imagenet", "train")
+
+
+def test_tfds_path_reads_prepared_data_without_network(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("HOME", str(tmp_path))  # fresh array cache
+    monkeypatch.setattr(D, "_online", lambda *a, **k: pytest.fail("must not touch the network"))
+    with tfds.testing.mock_data(num_examples=12):
+        x, y = D.load_split("cifar10", "train")
+    assert x.shape == (12, 32, 32, 3) and x.dtype == np.uint8 and y.shape == (12,)
+    # the decoded arrays are cached: a second load needs no TFDS at all
+    x2, _ = D.load_tfds("cifar10", "train")
+    np.testing.assert_array_equal(x, x2)
