@@ -314,6 +314,27 @@ def _worst_unit_batch(logits_fn, config: WorstCaseConfig, params, model_state, k
     return cross_entropy(logits_fn(nbh.perturb(params, nu, config.attack.neighbourhood), model_state, x_adv), y)
 
 
+def _static_config(config):
+    """``(config with xi and the driver-only fields neutralized, xi as an array)``: the jitted unit functions take the
+    former as a static argument and xi traced, so a sweep over xi, strategies or sample counts compiles once."""
+    nb = config.neighbourhood if isinstance(config, AverageCaseConfig) else config.attack.neighbourhood
+    xi = jnp.asarray(nb.xi, jnp.float32)
+    neutral = dataclasses.replace(nb, xi=0.0)
+    common = dict(strategy=None, chunk_size=1, batch_size=1)
+    if isinstance(config, AverageCaseConfig):
+        return dataclasses.replace(config, neighbourhood=neutral, samples=1, **common), xi
+    return dataclasses.replace(config, attack=dataclasses.replace(config.attack, neighbourhood=neutral), restarts=1,
+                               **common), xi
+
+
+def _traced_xi(config, xi):
+    """Inverse of :func:`_static_config` inside traced code."""
+    if isinstance(config, AverageCaseConfig):
+        return dataclasses.replace(config, neighbourhood=dataclasses.replace(config.neighbourhood, xi=xi))
+    nb = dataclasses.replace(config.attack.neighbourhood, xi=xi)
+    return dataclasses.replace(config, attack=dataclasses.replace(config.attack, neighbourhood=nb))
+
+
 def _map_units(fn, vectorize, params, model_state, key, units, *rest):
     if vectorize:
         return jax.vmap(fn, in_axes=(None, None, None, 0) + (None,) * len(rest))(params, model_state, key, units,
@@ -321,12 +342,14 @@ def _map_units(fn, vectorize, params, model_state, key, units, *rest):
     return fn(params, model_state, key, units[0], *rest)[None]
 
 
-def _avg_units(logits_fn, config, vectorize, params, model_state, key, units, b, x, y, mask):
+def _avg_units(logits_fn, config, vectorize, xi, params, model_state, key, units, b, x, y, mask):
+    config = _traced_xi(config, xi)
     return _map_units(functools.partial(_avg_unit_batch, logits_fn, config), vectorize, params, model_state, key,
                       units, b, x, y, mask)
 
 
-def _worst_units(logits_fn, config, vectorize, params, model_state, key, units, b, x, y, mask):
+def _worst_units(logits_fn, config, vectorize, xi, params, model_state, key, units, b, x, y, mask):
+    config = _traced_xi(config, xi)
     return _map_units(functools.partial(_worst_unit_batch, logits_fn, config), vectorize, params, model_state, key,
                       units, b, x, y, mask)
 
@@ -337,7 +360,9 @@ _worst_units_jit = xla.jit(_worst_units, static_argnames=_STATIC)
 
 
 # --- worst case with one nu shared by all batches (the code): init / step / evaluate, each over a chunk of units
-def _ds_init_nu(config: WorstCaseConfig, vectorize, params, key, units):
+def _ds_init_nu(config: WorstCaseConfig, vectorize, xi, params, key, units):
+    config = _traced_xi(config, xi)
+
     def one(unit):
         return wadv.init_nu(params, _unit_keys(key, unit, 0)[0], config.attack)
     return jax.vmap(one)(units) if vectorize else jax.tree.map(lambda a: a[None], one(units[0]))
@@ -349,7 +374,9 @@ def _ds_init_delta(config: WorstCaseConfig, vectorize, key, units, b, x):
     return jax.vmap(one)(units) if vectorize else one(units[0])[None]
 
 
-def _ds_step(logits_fn, config: WorstCaseConfig, vectorize, params, model_state, nu, delta, x, y, mask):
+def _ds_step(logits_fn, config: WorstCaseConfig, vectorize, xi, params, model_state, nu, delta, x, y, mask):
+    config = _traced_xi(config, xi)
+
     def one(nu, delta):
         nu, delta, _ = wadv.step(logits_fn, params, model_state, nu, x, delta, y, mask, config.attack)
         return nu, delta
@@ -396,11 +423,11 @@ def _run_units(chunk_fn, n_units, strategy, chunk_size, done, on_unit):
     return np.stack([results[k] for k in range(n_units)])
 
 
-def _per_batch_chunk(jitted, logits_fn, config, params, model_state, key, batches, progress):
+def _per_batch_chunk(jitted, logits_fn, config, xi, params, model_state, key, batches, progress):
     def chunk_fn(ids, vectorize):
         out = []
         for b, batch in enumerate(batches):
-            losses = jitted(logits_fn, config, vectorize, params, model_state, key, ids, b, batch.x, batch.y,
+            losses = jitted(logits_fn, config, vectorize, xi, params, model_state, key, ids, b, batch.x, batch.y,
                             batch.mask)
             out.append(np.asarray(losses)[:, :batch.n_valid])
             if progress:
@@ -409,17 +436,17 @@ def _per_batch_chunk(jitted, logits_fn, config, params, model_state, key, batche
     return chunk_fn
 
 
-def _shared_nu_chunk(logits_fn, config: WorstCaseConfig, params, model_state, key, batches, progress):
+def _shared_nu_chunk(logits_fn, config: WorstCaseConfig, xi, params, model_state, key, batches, progress):
     robust = config.robust
 
     def chunk_fn(ids, vectorize):
         n = int(len(ids))
-        nu = _ds_init_nu_jit(config, vectorize, params, key, ids)
+        nu = _ds_init_nu_jit(config, vectorize, xi, params, key, ids)
         deltas = [(_ds_init_delta_jit(config, vectorize, key, ids, b, batch.x) if robust else None)
                   for b, batch in enumerate(batches)]
         for _ in range(config.attack.steps):
             for b, batch in enumerate(batches):
-                nu, deltas[b] = _ds_step_jit(logits_fn, config, vectorize, params, model_state, nu, deltas[b],
+                nu, deltas[b] = _ds_step_jit(logits_fn, config, vectorize, xi, params, model_state, nu, deltas[b],
                                              batch.x, batch.y, batch.mask)
                 if progress:
                     progress(n)
@@ -456,13 +483,15 @@ def _measure(kind, logits_fn, params, model_state, x, y, key, config, *, done, o
     if reference.shape != (x.shape[0],):
         raise ValueError(f"reference must have shape ({x.shape[0]},), got {reference.shape}")
 
+    static, xi = _static_config(config)
     if kind == "average":
-        chunk_fn = _per_batch_chunk(_avg_units_jit, logits_fn, config, params, model_state, k_units, batches, progress)
+        chunk_fn = _per_batch_chunk(_avg_units_jit, logits_fn, static, xi, params, model_state, k_units, batches,
+                                    progress)
     elif config.nu_per == "batch":
-        chunk_fn = _per_batch_chunk(_worst_units_jit, logits_fn, config, params, model_state, k_units, batches,
+        chunk_fn = _per_batch_chunk(_worst_units_jit, logits_fn, static, xi, params, model_state, k_units, batches,
                                     progress)
     else:
-        chunk_fn = _shared_nu_chunk(logits_fn, config, params, model_state, k_units, batches, progress)
+        chunk_fn = _shared_nu_chunk(logits_fn, static, xi, params, model_state, k_units, batches, progress)
     per_example = _run_units(chunk_fn, config.units, strategy, config.chunk_size, done, on_unit).astype(np.float64)
 
     perturbed = per_example.mean(axis=1)

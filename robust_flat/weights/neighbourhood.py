@@ -46,7 +46,8 @@ class Neighbourhood:
     box: Optional[float] = None
 
     def __post_init__(self):
-        if not (self.xi >= 0) or not np.isfinite(self.xi):
+        # xi may be a tracer inside jitted code (robust_flat.flatness traces it so a sweep over xi compiles once)
+        if not isinstance(self.xi, jax.core.Tracer) and (not (self.xi >= 0) or not np.isfinite(self.xi)):
             raise ValueError(f"Neighbourhood xi must be a finite number >= 0, got {self.xi}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")

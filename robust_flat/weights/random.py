@@ -12,8 +12,8 @@ radius ``r = xi * ||w_unit||`` (original weights) and a Gaussian direction ``g /
 * ``"uniform_norm"`` (the code's worst-case initialization, ``LayerWiseL2UniformNormInitialization``):
   ``nu = r * u * g/||g||``, uniform in norm (not in volume).
 
-All selected leaves share ONE Gaussian draw (and one uniform draw for the radii), sliced per leaf in leaf order:
-two random calls per sample whatever the number of layers (each ``jax.random`` call costs ~1 s of XLA:CPU compile
+All selected leaves share ONE random draw (the Gaussians and the radius factors), sliced per leaf in leaf order:
+one random call per sample whatever the number of layers (each ``jax.random`` call costs ~1 s of XLA:CPU compile
 time, so a call per leaf made compiling a small CNN's sampler take 40 s). The same key therefore gives the same
 directions for any xi and any rescaling of the weights (what the scale-invariance tests rely on). With a ``box`` the
 sample is projected (box first, then the ball), as the code does for models trained with weight clipping.
@@ -29,6 +29,15 @@ from robust_flat.weights.neighbourhood import (Neighbourhood, _flatten, _safe_di
                                                unit_sizes)
 
 DISTRIBUTIONS = ("ball", "sphere", "uniform_norm")
+_LOWEST = float(np.nextafter(np.float32(-1.0), np.float32(0.0)))
+
+
+def _draw(key, n_normal: int, n_uniform: int):
+    """``n_normal`` standard normals and ``n_uniform`` U[0, 1) numbers from ONE ``jax.random.uniform`` call (the normals
+    by the inverse CDF, as ``jax.random.normal`` itself does): every random call costs seconds of XLA:CPU compile."""
+    v = jax.random.uniform(key, (n_normal + n_uniform,), jnp.float32)
+    g = jnp.sqrt(2.0) * jax.scipy.special.erfinv(jnp.maximum(2.0 * v[:n_normal] - 1.0, _LOWEST))
+    return g, v[n_normal:]
 
 
 def sample(key: jax.Array, params, nb: Neighbourhood, distribution: str = "ball"):
@@ -38,10 +47,14 @@ def sample(key: jax.Array, params, nb: Neighbourhood, distribution: str = "ball"
     leaves, mask, treedef = _flatten(params, params, nb)
     r = radii(params, nb)
     sizes = unit_sizes(params, nb)
-    kg, ku = jax.random.split(key)
     shapes = [tuple(jnp.shape(l)) for l in leaves]
     total = sum(int(np.prod(sh)) for sh, m in zip(shapes, mask) if m)
-    flat_g = jax.random.normal(kg, (total,), jnp.float32)
+    # radius factors: one uniform per unit (per leaf or per filter), or one in total for a global ball
+    unit_shapes = [((1,) * (len(sh) - 1) + (sh[-1],) if nb.granularity == "filter" and len(sh) > 2 else ())
+                   if m else None for sh, m in zip(shapes, mask)]
+    n_u = 0 if distribution == "sphere" else (
+        1 if nb.granularity == "global" else sum(int(np.prod(sh)) for sh in unit_shapes if sh is not None))
+    flat_g, flat_u = _draw(key, total, n_u)
     g, offset = [], 0
     for sh, m in zip(shapes, mask):
         if m:
@@ -51,10 +64,6 @@ def sample(key: jax.Array, params, nb: Neighbourhood, distribution: str = "ball"
         else:
             g.append(None)
     gn = _unit_norms([x if x is not None else l for x, l in zip(g, leaves)], mask, nb.granularity)
-    # radius factors: one uniform per unit (per leaf or per filter), or one in total for a global ball
-    unit_shapes = [tuple(jnp.shape(n)) if m else None for n, m in zip(gn, mask)]
-    n_u = 1 if nb.granularity == "global" else sum(int(np.prod(sh)) for sh in unit_shapes if sh is not None)
-    flat_u = None if distribution == "sphere" else jax.random.uniform(ku, (n_u,), jnp.float32)
     out, offset = [], 0
     for i, (l, m) in enumerate(zip(leaves, mask)):
         if not m:
