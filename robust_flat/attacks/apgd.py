@@ -265,13 +265,21 @@ def _chunk(logits_fn, x, y, y_target, carry, consts, config: APGDConfig):
 
 
 def single_run(logits_fn, x, y, x_start, y_target, attack_mask, config: APGDConfig) -> dict:
-    """One APGD run from ``x_start`` in one ``lax.scan`` (traceable; the original's ``attack_single_run``).
+    """One APGD run from ``x_start``: the original's ``attack_single_run(x, y, x_init)``.
 
     ``y_target`` is used only when ``config.targeted``; ``attack_mask`` marks the points this run may fool.
     Returns a dict: ``fooled`` [B] (attacked and misclassified at some iterate), ``x_best_adv`` (the last
     misclassified iterate, else the start), ``x_best`` and ``loss_best`` (highest-loss point), ``trace_best`` and
-    ``trace_loss`` [n_iter + 1, B] (index 0: the start point).
+    ``trace_loss`` [n_iter + 1, B] (index 0: the start point). Follows ``config.loop``: with the host loop it is
+    not traceable; :func:`single_run_scan` always is.
     """
+    if _use_host_loop(config):
+        return _single_run_host(logits_fn, x, y, x_start, y_target, attack_mask, config)
+    return single_run_scan(logits_fn, x, y, x_start, y_target, attack_mask, config)
+
+
+def single_run_scan(logits_fn, x, y, x_start, y_target, attack_mask, config: APGDConfig) -> dict:
+    """:func:`single_run` as one ``lax.scan`` over the iterations (traceable)."""
     carry = _init_carry(logits_fn, x, y, x_start, y_target, attack_mask, config)
     consts = tuple(jnp.asarray(v) for v in _iteration_constants(config))
     carry, (trace_best, trace_loss) = lax.scan(
@@ -330,7 +338,8 @@ def _apgd_scan(logits_fn, x, y, key, config: APGDConfig):
         y_target = lax.dynamic_index_in_dim(order, n_classes - 2 - target_index, axis=1, keepdims=False)
 
         def attack(_):
-            r = single_run(logits_fn, x, y, _start(run_key, x, config.eps, config.norm), y_target, robust, config)
+            r = single_run_scan(logits_fn, x, y, _start(run_key, x, config.eps, config.norm), y_target, robust,
+                                config)
             return r["fooled"], r["x_best_adv"], r["trace_best"], r["trace_loss"]
 
         def skip(_):
@@ -366,6 +375,25 @@ def _start_and_init(logits_fn, x, y, key, y_target, attack_mask, config):
     return _init_carry(logits_fn, x, y, _start(key, x, config.eps, config.norm), y_target, attack_mask, config)
 
 
+def _iterate_chunks(logits_fn, x, y, y_target, carry, config: APGDConfig):
+    """All ``n_iter`` iterations from ``carry``, as compiled chunks of ``unroll``; returns carry and traces."""
+    consts = _iteration_constants(config)
+    bounds = list(range(0, config.n_iter, config.unroll)) + [config.n_iter]
+    best, losses = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        chunk_consts = tuple(jnp.asarray(c[lo:hi]) for c in consts)
+        carry, b, l = _chunk_jit(logits_fn, x, y, y_target, carry, chunk_consts, config=_core(config))
+        best.append(b)
+        losses.append(l)
+    return carry, jnp.concatenate(best), jnp.concatenate(losses)
+
+
+def _single_run_host(logits_fn, x, y, x_start, y_target, attack_mask, config: APGDConfig) -> dict:
+    carry = _init_from_jit(logits_fn, x, y, x_start, y_target, attack_mask, config=_core(config))
+    carry, best, losses = _iterate_chunks(logits_fn, x, y, y_target, carry, config)
+    return _result(carry, attack_mask, best, losses)
+
+
 def _merge(robust, x_adv, carry):
     fooled = robust & ~carry["robust"]
     return robust & ~fooled, _select(fooled, carry["x_best_adv"], x_adv)
@@ -373,6 +401,7 @@ def _merge(robust, x_adv, carry):
 
 _clean_jit = _jit_fn(lambda logits_fn, x, y, config: _clean(logits_fn, x, y))
 _init_jit = _jit_fn(_start_and_init)
+_init_from_jit = _jit_fn(_init_carry)
 _chunk_jit = _jit_fn(_chunk)
 _merge_jit = xla.jit(_merge)
 
@@ -385,8 +414,6 @@ def _apgd_host(logits_fn, x, y, key, config: APGDConfig):
     n_classes = order.shape[-1]
     _check_classes(n_classes, config)
     keys = jax.random.split(key, config.n_runs)
-    consts = _iteration_constants(config)
-    bounds = list(range(0, config.n_iter, config.unroll)) + [config.n_iter]
     x_adv, traces_best, traces_loss = x, [], []
     for run, target_index in enumerate(_run_targets(config)):
         if not bool(jnp.any(robust)):
@@ -395,15 +422,11 @@ def _apgd_host(logits_fn, x, y, key, config: APGDConfig):
             continue
         y_target = order[:, n_classes - 2 - int(target_index)]
         carry = _init_jit(logits_fn, x, y, keys[run], y_target, robust, config=core)
-        best, losses = [carry["start_loss"][None]], [carry["start_loss"][None]]
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            chunk_consts = tuple(jnp.asarray(c[lo:hi]) for c in consts)
-            carry, b, l = _chunk_jit(logits_fn, x, y, y_target, carry, chunk_consts, config=core)
-            best.append(b)
-            losses.append(l)
+        start_loss = carry["start_loss"][None]
+        carry, best, losses = _iterate_chunks(logits_fn, x, y, y_target, carry, config)
         robust, x_adv = _merge_jit(robust, x_adv, carry)
-        traces_best.append(jnp.concatenate(best))
-        traces_loss.append(jnp.concatenate(losses))
+        traces_best.append(jnp.concatenate([start_loss, best]))
+        traces_loss.append(jnp.concatenate([start_loss, losses]))
     return x_adv, jnp.stack(traces_best), jnp.stack(traces_loss)
 
 
