@@ -294,15 +294,12 @@ def run_cascade(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, 
         state.clean_done[idx] = True
         if on_batch:
             on_batch(state, CLEAN, int(state.clean_done.sum()), state.n)
-    if len(todo):
-        log(f"initial accuracy: {state.clean_correct.mean():.2%}")
+    log(f"initial accuracy: {state.clean_correct.mean():.2%}")
 
     for k, comp in enumerate(comps):
         todo = np.flatnonzero(state.pending(k))
         if not len(todo):
             continue
-        if not state.robust.any():
-            break
         n_total = int(state.attempted[k].sum()) + len(todo)
         for b in range(0, len(todo), bs):
             idx = todo[b:b + bs]
