@@ -415,7 +415,7 @@ def _run_units(chunk_fn, n_units, strategy, chunk_size, done, on_unit):
     results = {int(k): np.asarray(v) for k, v in (done or {}).items() if 0 <= int(k) < n_units}
     todo = [k for k in range(n_units) if k not in results]
     for chunk, ids, vectorize in _chunks(todo, strategy, chunk_size):
-        losses = chunk_fn(ids, vectorize)  # [len(ids), N]
+        losses = chunk_fn(ids, vectorize, len(chunk))  # [len(ids), N]; rows past len(chunk) are padding
         for i, k in enumerate(chunk):
             results[k] = losses[i]
             if on_unit is not None:
@@ -424,14 +424,14 @@ def _run_units(chunk_fn, n_units, strategy, chunk_size, done, on_unit):
 
 
 def _per_batch_chunk(jitted, logits_fn, config, xi, params, model_state, key, batches, progress):
-    def chunk_fn(ids, vectorize):
+    def chunk_fn(ids, vectorize, n_real):
         out = []
         for b, batch in enumerate(batches):
             losses = jitted(logits_fn, config, vectorize, xi, params, model_state, key, ids, b, batch.x, batch.y,
                             batch.mask)
             out.append(np.asarray(losses)[:, :batch.n_valid])
             if progress:
-                progress(int(len(ids)) if vectorize else 1)
+                progress(n_real)
         return np.concatenate(out, axis=1)
     return chunk_fn
 
@@ -439,8 +439,7 @@ def _per_batch_chunk(jitted, logits_fn, config, xi, params, model_state, key, ba
 def _shared_nu_chunk(logits_fn, config: WorstCaseConfig, xi, params, model_state, key, batches, progress):
     robust = config.robust
 
-    def chunk_fn(ids, vectorize):
-        n = int(len(ids))
+    def chunk_fn(ids, vectorize, n):
         nu = _ds_init_nu_jit(config, vectorize, xi, params, key, ids)
         deltas = [(_ds_init_delta_jit(config, vectorize, key, ids, b, batch.x) if robust else None)
                   for b, batch in enumerate(batches)]

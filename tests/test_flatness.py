@@ -44,9 +44,10 @@ def setup():
     model, params, state = trained("none")
     x, y = make_data(24, seed=7)  # 2 batches of 16, the second one padded
     logits_fn = make_logits_fn(model)
-    avg = F.average_case(logits_fn, params, state, x, y, KEY, AVG)
-    worst = F.worst_case(logits_fn, params, state, x, y, KEY, WORST)
-    return dict(logits_fn=logits_fn, params=params, state=state, x=x, y=y, avg=avg, worst=worst)
+    ticks = {"avg": [], "worst": []}
+    avg = F.average_case(logits_fn, params, state, x, y, KEY, AVG, progress=ticks["avg"].append)
+    worst = F.worst_case(logits_fn, params, state, x, y, KEY, WORST, progress=ticks["worst"].append)
+    return dict(logits_fn=logits_fn, params=params, state=state, x=x, y=y, avg=avg, worst=worst, ticks=ticks)
 
 
 def test_result_structure_and_worst_case_above_average_case(setup):
@@ -61,6 +62,8 @@ def test_result_structure_and_worst_case_above_average_case(setup):
     assert avg.flatness > 0  # the model was trained: random perturbations raise the robust loss
     assert worst.flatness > avg.flatness  # the max over the ball exceeds the mean over it (same xi)
     assert worst.perturbed.min() > avg.perturbed.max()
+    assert sum(setup["ticks"]["avg"]) == F.total_work(AVG, 24) == 3 * 2 + 2
+    assert sum(setup["ticks"]["worst"]) == F.total_work(WORST, 24) == 2 * 2 + 2
     d = avg.to_dict()
     assert d["measure"] == "average" and d["loss"] == "robust" and d["config"]["neighbourhood"]["xi"] == XI
     json.dumps(d)
