@@ -1,0 +1,58 @@
+"""Smoke test of the benchmark driver (no timing assertions: timings are reported, never tested)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_run_writes_valid_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--rows", "pgd_step", "--models", "small_cnn", "--repeats", "1",
+           "--batch-size", "8", "--no-torch", "--matmul-size", "256", "--matmul-repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "small_cnn" in proc.stdout and "pgd_step" in proc.stdout
+    meta = result["meta"]
+    assert meta["batch_size"] == 8 and meta["matmul_peak"]["start"]["n"] == 256
+    # analytic MACs of the small CNN (conv 32-32-pool-64-64-pool, dense 4096-128-10), as in the CPU notes
+    assert meta["models"]["small_cnn"]["forward_gmac_per_image"] == pytest.approx(0.025003264)
+    (row,) = result["rows"]
+    assert (row["model"], row["row"], row["batch_size"]) == ("small_cnn", "pgd_step", 8)
+    assert set(row["variants"]) == {"jax", "jax_switch_off"}  # the default switch-off variant; no torch
+    for v in row["variants"].values():
+        assert v["n"] == 1 and len(v["times_s"]) == 1 and v["median_s"] > 0
+        assert v["min_s"] <= v["median_s"] <= v["max_s"]
+        assert v["compile_s"] > 0 and v["compile_method"] == "lower()+compile()"
+        assert np.isclose(v["images_per_s"], 8 / v["median_s"])
+        assert np.isclose(v["gflops"], row["gflop_per_call"] / v["median_s"])
+    assert np.isclose(row["gflop_per_call"], 2 * 2 * 0.025003264 * 8)
+    # the switch really changes the compiled program: with it off every convolution runs in YNNPACK
+    on, off = row["variants"]["jax"]["ynn"], row["variants"]["jax_switch_off"]["ynn"]
+    assert off["convolutions"] > 0 and off["in_ynnpack"] == off["convolutions"]
+    assert on["in_ynnpack"] < on["convolutions"]
+    assert "jax_over_torch" not in row and row["switch_off_over_on"] > 0
+
+
+def test_ynn_convolution_count():
+    from benchmarks.run import ynn_convolutions
+
+    hlo = "\n".join([
+        "%fused_computation (p: f32[1]) -> f32[1] {",
+        "  %convolution.1 = f32[1] convolution(%a, %b)",
+        "}",
+        "%fused_computation.1 (p: f32[1]) -> f32[1] {",
+        "  %convolution.2 = f32[1] convolution(%a, %b)",
+        "}",
+        "ENTRY %main (p: f32[1]) -> f32[1] {",
+        '  %ynn_fusion = f32[1] fusion(%x), kind=kCustom, calls=%fused_computation, backend_config={"kind":"__ynn_fusion"}',
+        "  %conv_fusion = f32[1] fusion(%x), kind=kLoop, calls=%fused_computation.1",
+        "  %convolution.3 = f32[1] convolution(%a, %b)",
+        "}",
+    ])
+    assert ynn_convolutions(hlo) == {"convolutions": 3, "in_ynnpack": 1}
