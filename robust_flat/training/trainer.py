@@ -197,11 +197,13 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
         meta = dict(meta)
         log(f"RESUME: step {int(state.step)} of {total} (epoch {int(state.step) // steps_per_epoch})")
         _truncate_metrics(metrics_path, int(state.step) // steps_per_epoch)
+        running = meta.pop("running", None) or {"sums": {}, "count": 0}
     else:
         log(f"START: {config.method} {config.model.name} {total} steps ({config.train.epochs} epochs x "
             f"{steps_per_epoch}), batch {bs} on {n_dev} device(s) [{jax.default_backend()}]")
         _truncate_metrics(metrics_path, 0)
         ckpt.save("snapshots", 0, state, {"epoch": 0, "step": 0})
+        running = {"sums": {}, "count": 0}
     state = jax.device_put(state, repl)
 
     es_x, es_y = data_lib.subset(x_test, y_test, "test_last500")
@@ -219,7 +221,14 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
     step = int(state.step)
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, unit="step", disable=not progress, dynamic_ncols=True, file=sys.stdout)
-    sums, count, t_epoch = {}, 0, time.time()
+    # running means of the step metrics over the current epoch; checkpointed so a resumed epoch reports the same
+    sums, count, t_epoch = dict(running["sums"]), int(running["count"]), time.time()
+    local = 0  # steps of this epoch run by this process (for images/s)
+
+    def checkpoint_meta():
+        return {**meta, "epoch": step // steps_per_epoch, "step": step, "steps_per_epoch": steps_per_epoch,
+                "running": {"sums": sums, "count": count}}
+
     try:
         while step < total:
             batch = data_lib.train_batch(x_train, y_train, config.seed, step, bs)
@@ -236,6 +245,7 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             count += 1
+            local += 1
             bar.update(1)
             bar.set_postfix(loss=f"{float(metrics['train_loss']):.3f}",
                             err=f"{float(metrics['train_error']):.3f}", img_s=f"{bs / (time.time() - t0):.0f}")
@@ -246,7 +256,7 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
             if epoch_end:
                 epoch = step // steps_per_epoch
                 record = {"epoch": epoch, "step": step, "time_s": round(time.time() - t_epoch, 2),
-                          "images_per_s": round(count * bs / max(time.time() - t_epoch, 1e-9), 1),
+                          "images_per_s": round(local * bs / max(time.time() - t_epoch, 1e-9), 1),
                           **{k: v / count for k, v in sums.items()}}
                 key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_000 + epoch)
                 for name, (ex, ey) in eval_sets.items():
@@ -269,17 +279,15 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
                 log(f"epoch {epoch}/{config.train.epochs}: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "time_s")
                     + f" [{record['time_s']:.1f} s]")
-                sums, count, t_epoch = {}, 0, time.time()
+                sums, count, local, t_epoch = {}, 0, 0, time.time()
             if epoch_end or step % config.checkpoint.every_steps == 0 or step == total:
-                ckpt.save("latest", step, state, {**meta, "epoch": step // steps_per_epoch, "step": step,
-                                                  "steps_per_epoch": steps_per_epoch})
+                ckpt.save("latest", step, state, checkpoint_meta())
             if stop["signum"] is not None:
                 raise Interrupted(stop["signum"])
         log(f"DONE: {total} steps; best epoch by early stopping: {meta.get('best_epoch')} "
             f"(robust error {meta.get('best_robust_error')})")
     except Interrupted as e:
-        ckpt.save("latest", step, state, {**meta, "epoch": step // steps_per_epoch, "step": step,
-                                          "steps_per_epoch": steps_per_epoch})
+        ckpt.save("latest", step, state, checkpoint_meta())
         log(f"INTERRUPTED by signal {e.signum} at step {step}: saved; rerun the same command to resume")
         bar.close()
         ckpt.close()

@@ -44,7 +44,7 @@ def supervised_update(state: TrainState, x, y, rng, *, apply_fn, tx, ema_decay=N
     (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = apply_gradients(state, grads, new_model_state, tx, ema_decay, clip_weights)
     metrics = {"train_loss": loss, "train_error": jnp.mean(jnp.argmax(logits, -1) != y),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return state, metrics
 
 
