@@ -1,4 +1,6 @@
 """FAB / FAB-T: bounds, determinism, targets, minimal norms versus PGD, the projection sub-problem, bad inputs."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +37,7 @@ def fab_t(request, task):
     """FAB-T with one target (the runner-up class), 20 iterations, on the toy model."""
     f, x, y = task
     norm = request.param
-    cfg = FABConfig(eps=EPS[norm], norm=norm, n_iter=20, n_target_classes=1)
+    cfg = FABConfig(eps=EPS[norm], norm=norm, n_iter=20, n_target_classes=1, unroll=1)  # unroll 1: short compile
     return norm, cfg, np.asarray(fab(f, x, y, jax.random.PRNGKey(0), cfg))
 
 
@@ -75,12 +77,15 @@ def test_minimal_norm_smaller_than_pgd(task, fab_t):
     assert np.median(fab_norm / pgd_norm) < 0.8
 
 
-def test_same_key_same_output_with_restarts(task):
+def test_same_key_same_output_and_loops_agree(task):
     f, x, y = task
-    cfg = FABConfig(eps=EPS["linf"], norm="linf", targeted=False, n_iter=3, n_restarts=2)
+    cfg = FABConfig(eps=EPS["linf"], norm="linf", targeted=False, n_iter=3, n_restarts=2, loop="host", unroll=1)
     a = np.asarray(fab(f, x, y, jax.random.PRNGKey(3), cfg))
     b = np.asarray(fab(f, x, y, jax.random.PRNGKey(3), cfg))
     np.testing.assert_array_equal(a, b)
+    # the traceable version (while_loop over runs, fori_loop over iterations) gives the same points
+    c = np.asarray(fab(f, x, y, jax.random.PRNGKey(3), dataclasses.replace(cfg, loop="device")))
+    np.testing.assert_allclose(c, a, atol=1e-5)
     assert _norms(a - x, "linf").max() <= cfg.eps * (1 + 1e-5) and a.min() >= 0 and a.max() <= 1
     assert (_pred(f, a) != y).sum() > (_pred(f, x) != y).sum()  # untargeted FAB breaks points too
 
@@ -143,6 +148,8 @@ def test_bad_inputs_raise(task):
         FABConfig(n_iter=0)
     with pytest.raises(ValueError):
         FABConfig(beta=1.5)
+    with pytest.raises(ValueError):
+        FABConfig(loop="gpu")
     with pytest.raises(ValueError):
         fab(f, x + 1.0, y, jax.random.PRNGKey(0), FABConfig(n_iter=1))
     with pytest.raises(ValueError):
