@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", default="test_first1000")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--shape-buckets", type=int, default=4,
+                   help="batch shapes per attack: batch-size/2^k, k < this (fewer: less compiling, more padding)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-iter", type=int, default=100, help="APGD/FAB iterations (100 = AutoAttack's)")
     p.add_argument("--pgd-steps", type=int, default=20)
@@ -78,8 +80,8 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
         parser.error("--version/--attacks apply only to --attack autoattack")
     if args.attacks and args.version != "custom":
         parser.error("--attacks needs --version custom")
-    if args.n_examples < 1 or args.batch_size < 1:
-        parser.error("--n-examples and --batch-size must be >= 1")
+    if args.n_examples < 1 or args.batch_size < 1 or args.shape_buckets < 1:
+        parser.error("--n-examples, --batch-size and --shape-buckets must be >= 1")
     try:
         comps = ev.make_components(args.attack, eps, args.norm, args.version,
                                    args.attacks.split(",") if args.attacks else None, n_iter=args.n_iter,
@@ -117,8 +119,8 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     json_path = os.path.join(out_dir, f"{name}.json")
     state_path = os.path.join(out_dir, f"{name}.examples.json")
     settings = dict(eps=eps, norm=args.norm, seed=args.seed, subset=args.subset, n=len(x),
-                    batch_size=args.batch_size, epoch=loaded.epoch, step=loaded.step, ema=args.use_ema,
-                    labels=hashlib.sha256(y.tobytes()).hexdigest()[:12])
+                    batch_size=args.batch_size, shape_buckets=args.shape_buckets, epoch=loaded.epoch,
+                    step=loaded.step, ema=args.use_ema, labels=hashlib.sha256(y.tobytes()).hexdigest()[:12])
     fp = ev.fingerprint(ev.config_payload(comps, **settings))
 
     if args.fresh:
@@ -138,7 +140,8 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     start = time.time()
     try:
         state = ev.evaluate(logits_fn, x, y, jax.random.key(args.seed), comps, norm=args.norm,
-                            batch_size=args.batch_size, state_path=state_path, fp=fp,
+                            batch_size=args.batch_size, shape_buckets=args.shape_buckets, state_path=state_path,
+                            fp=fp,
                             progress=not args.no_progress, log=print)
     except ValueError as e:
         raise SystemExit(f"{e} (use --fresh)")
@@ -146,7 +149,8 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
                         version=args.version if args.attack == "autoattack" else None,
                         aa_standard=args.attack == "autoattack" and args.version == "standard",
                         eps=eps, eps_text=str(args.eps), norm=args.norm, seed=args.seed, subset=args.subset,
-                        batch_size=args.batch_size, run_dir=os.path.abspath(args.run_dir),
+                        batch_size=args.batch_size, shape_buckets=args.shape_buckets,
+                        run_dir=os.path.abspath(args.run_dir),
                         snapshot=str(args.snapshot), epoch=loaded.epoch, step=loaded.step,
                         weights="ema" if args.use_ema else "params", fingerprint=fp,
                         examples_file=os.path.basename(state_path), time_s=round(time.time() - start, 1))

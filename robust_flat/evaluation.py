@@ -10,7 +10,6 @@ into the JSON summary that ``python -m experiments.evaluate`` writes next to the
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -140,7 +139,7 @@ class _Progress:
 
 
 def evaluate(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, batch_size: int = 128,
-             state_path: Optional[str] = None, fp: str = "", progress: bool = True,
+             shape_buckets: int = 4, state_path: Optional[str] = None, fp: str = "", progress: bool = True,
              log: Optional[Callable[[str], None]] = None) -> CascadeState:
     """Run (or resume) the cascade ``comps`` on ``x``/``y``, saving the per-example state to ``state_path`` (JSON)
     after every batch. Returns the finished :class:`CascadeState` (without adversarial images)."""
@@ -155,8 +154,8 @@ def evaluate(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, bat
         bar(st, stage, done, total)
 
     try:
-        return run_cascade(logits_fn, x, y, key, comps, norm=norm, batch_size=batch_size, state=state,
-                           on_batch=on_batch, log=log or (lambda s: None))
+        return run_cascade(logits_fn, x, y, key, comps, norm=norm, batch_size=batch_size,
+                           shape_buckets=shape_buckets, state=state, on_batch=on_batch, log=log or (lambda s: None))
     finally:
         bar.close()
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from robust_flat import xla
-from robust_flat.attacks.autoattack import (AutoAttackConfig, CascadeState, Component, autoattack, predict,
-                                            run_cascade)
+from robust_flat.attacks.autoattack import (AutoAttackConfig, CascadeState, Component, autoattack, bucket_size,
+                                            predict, run_cascade)
 from toy_task import make_data, toy_logits_fn
 
 N, SIZE, BS = 40, 16, 16  # 40 points in batches of 16: every stage has a padded last batch
 EPS = 3 / 255
 FAST = AutoAttackConfig(eps=EPS, version="fast", n_iter=10, n_target_classes=2)
-QUIET = dict(batch_size=BS, log=lambda s: None)
+QUIET = dict(batch_size=BS, shape_buckets=1, log=lambda s: None)  # one compile per attack (compiles dominate)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,11 @@ def test_no_recompiles_for_changing_robust_counts(setup):
     n_robust = [int(state.clean_correct.sum()), int((state.clean_correct & (state.broken_by != 0)).sum())]
     assert n_robust[0] != n_robust[1] and n_robust[1] % BS != 0  # different, padded sizes ...
     assert TRACES["count"] == 2  # ... but one compile per attack config
+    # with shape buckets (16, 8, 4, 2): remainders are padded to the next bucket, at most 4 compiles per attack
+    assert [bucket_size(n, 16, 4) for n in (16, 9, 8, 5, 3, 1)] == [16, 16, 8, 8, 4, 2]
+    TRACES["count"] = 0
+    run_cascade(f, x, y, jax.random.key(1), _fake_cascade(), norm="linf", **{**QUIET, "shape_buckets": 4})
+    assert TRACES["count"] <= 2 * 4
 
 
 def test_resume_reproduces_the_uninterrupted_run(setup):

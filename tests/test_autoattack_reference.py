@@ -21,7 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.torch_small_cnn import from_flax, max_logit_difference, to_nchw, to_nhwc  # noqa: E402
 from robust_flat.attacks.apgd import APGDConfig, single_run  # noqa: E402
 from robust_flat.attacks.autoattack import AutoAttackConfig, autoattack  # noqa: E402
-from robust_flat.models import make_logits_fn  # noqa: E402
 from toy_task import make_data, toy_logits_fn, trained_model  # noqa: E402
 
 SIZE = 16

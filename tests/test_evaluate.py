@@ -12,7 +12,7 @@ from toy_task import make_data, trained_model
 
 SIZE = 16
 ARGS = ["--attack", "apgd-ce", "--eps", "3/255", "--n-iter", "10", "--n-examples", "40", "--batch-size", "16",
-        "--no-progress"]
+        "--shape-buckets", "1", "--no-progress"]
 
 
 def _load_run(run_dir, snapshot):
