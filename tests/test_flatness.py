@@ -69,6 +69,7 @@ def test_result_structure_and_worst_case_above_average_case(setup):
     json.dumps(d)
 
 
+@pytest.mark.slow  # ~10-20 s of compiles on an idle 2-core machine
 def test_strategies_give_the_same_numbers(setup):
     s = setup
     args = (s["logits_fn"], s["params"], s["state"], s["x"], s["y"], KEY)
@@ -126,6 +127,7 @@ def test_relative_flatness_is_invariant_to_relu_rescaling(setup, alpha, tol):
     np.testing.assert_allclose(worst.flatness, s["worst"].flatness, rtol=tol, atol=tol)
 
 
+@pytest.mark.slow  # ~10-20 s of compiles on an idle 2-core machine
 def test_relative_flatness_is_invariant_to_conv_scaling_before_batch_norm():
     model = tiny_model("rebn")
     params, state = random_params(model, seed=3)
@@ -157,6 +159,7 @@ def test_one_nu_per_dataset_does_not_depend_on_batching(setup):
     assert not np.allclose(c.per_example, b.per_example, rtol=1e-3)  # the paper's: a new nu for every batch
 
 
+@pytest.mark.slow  # ~10-20 s of compiles on an idle 2-core machine
 def test_clean_worst_case_with_shared_nu_over_the_dataset(setup):
     s = setup
     args = (s["logits_fn"], s["params"], s["state"], s["x"], s["y"], KEY)
