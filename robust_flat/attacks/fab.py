@@ -18,16 +18,16 @@ starts at ``x1 = x0``, or for restarts > 0 at a random point at distance eps / 2
 
 "Misclassified" means predicted label != y for both variants, as in the original. A targeted run can therefore also
 end in a class other than its target. FAB-T (AutoAttack "standard") runs the targets one after the other: the 2nd,
-3rd, ..., (n_target_classes + 1)-th largest clean logit. Each runs on the points that are still robust. A point counts as
-broken when the run found a misclassified point with ``||x_adv - x|| <= eps``. Points that are never broken, and
-points misclassified from the start, come back unchanged, as in the original. So the returned ``x_adv`` always lies in
-the eps-ball and in [0, 1]. Randomness enters only through the random starts of restarts > 0, so FAB-T with one
-restart is deterministic.
+3rd, ..., (n_target_classes + 1)-th largest clean logit. Each runs on the points that are still robust. A point
+counts as broken when the run found a misclassified point with ``||x_adv - x|| <= eps``. Points that are never
+broken, and points misclassified from the start, come back unchanged, as in the original. So the returned ``x_adv``
+always lies in the eps-ball and in [0, 1]. Randomness enters only through the random starts of restarts > 0, so
+FAB-T with one restart is deterministic.
 
 Fixed shapes instead of the original's shrinking index sets: every run works on the whole batch, and only the points
-still robust take its result. Examples are independent (eval-mode BN), so the results agree. The (target, restart) runs
-stop once no point is left robust. That stop is a ``lax.while_loop`` in the traceable version (``fab.raw``), and a
-host check in the CPU-friendly host loop (``FABConfig.loop``).
+still robust take its result. Examples are independent (eval-mode BN), so the results agree. The (target, restart)
+runs stop once no point is left robust. That stop is a ``lax.while_loop`` in the traceable version (``fab.raw``),
+and a host check in the CPU-friendly host loop (``FABConfig.loop``).
 """
 from __future__ import annotations
 
