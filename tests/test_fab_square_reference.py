@@ -127,6 +127,7 @@ def test_eta_pattern_matches_the_original():
         assert np.allclose(ours, ref, atol=1e-6) or np.allclose(ours.T, ref, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_fab_t_agrees_with_the_original(pair, norm):
     f, net, x, y = pair
@@ -143,6 +144,7 @@ def test_fab_t_agrees_with_the_original(pair, norm):
     assert np.mean(broken_jax != broken_torch) <= 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_square_agrees_with_the_original(pair, norm):
     f, net, x, y = pair
