@@ -33,6 +33,15 @@ def _manager(path: str, max_to_keep: Optional[int]) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.abspath(path), options=options, item_names=("state", "meta"))
 
 
+def _abstract_leaf(x):
+    """Restore target of one leaf: arrays keep their sharding; shape-only leaves (``jax.eval_shape``) go to the
+    first local device, so a checkpoint written on N devices loads on one."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        sharding = x.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return ocp.utils.to_shape_dtype_struct(x)
+
+
 class Checkpointer:
     """The three checkpoint streams of a run (latest / snapshots / best)."""
 
@@ -63,7 +72,7 @@ class Checkpointer:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no {which} checkpoint under {self.directory}")
-        abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = None if target is None else jax.tree.map(_abstract_leaf, target)
         try:
             out = mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                    meta=ocp.args.JsonRestore()))
@@ -116,9 +125,13 @@ def load_run(run_dir: str, snapshot="last") -> LoadedRun:
     ``snapshot``: ``"last"`` (the newest rolling checkpoint), ``"best"`` (early-stopping choice), or an epoch
     number (a kept snapshot, every 5 epochs by default).
     """
-    from robust_flat.models import create_model
+    from robust_flat.training.trainer import build, model_from_config
 
     config = read_config(run_dir)
+    # The restore target comes from the config (shapes only, nothing is computed), which also lets a checkpoint
+    # written on several devices load on one.
+    shape = (32, 32, 3)
+    abstract_state = jax.eval_shape(lambda: build(config, shape, 1)[2])
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
     try:
         if snapshot in ("last", "latest", None):
@@ -130,12 +143,9 @@ def load_run(run_dir: str, snapshot="last") -> LoadedRun:
             if step not in ckpt.all_steps("snapshots"):
                 raise CheckpointError(f"{run_dir} has no snapshot for epoch {step}; available: "
                                       f"{ckpt.all_steps('snapshots')}")
-        state, meta = ckpt.restore(which, step)
+        state, meta = ckpt.restore(which, step, target=abstract_state)
     finally:
         ckpt.close()
-    model = create_model(config.model.name, num_classes=config.model.num_classes,
-                         **{k: v for k, v in config.model.to_dict().items() if k not in ("name", "num_classes")})
-    model_state = state.get("model_state") or {}
-    return LoadedRun(model=model, params=state["params"], model_state=model_state,
-                     ema_params=state.get("ema_params"), config=config, epoch=int(meta.get("epoch", 0)),
-                     step=int(meta.get("step", 0)), run_dir=run_dir, snapshot=str(snapshot))
+    return LoadedRun(model=model_from_config(config), params=state.params, model_state=state.model_state, ema_params=state.ema_params,
+                     config=config, epoch=int(meta.get("epoch", 0)), step=int(meta.get("step", 0)),
+                     run_dir=run_dir, snapshot=str(snapshot))

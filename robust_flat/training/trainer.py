@@ -117,11 +117,15 @@ def _append_jsonl(path: str, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def model_from_config(config):
+    m = config.model
+    return models.create_model(m.name, num_classes=m.num_classes,
+                               **{k: v for k, v in m.to_dict().items() if k not in ("name", "num_classes")})
+
+
 def build(config, input_shape, steps_per_epoch: int):
     """Model, pure functions, optimizer and the initial train state of a config."""
-    m = config.model
-    model = models.create_model(m.name, num_classes=m.num_classes,
-                                **{k: v for k, v in m.to_dict().items() if k not in ("name", "num_classes")})
+    model = model_from_config(config)
     root = jax.random.PRNGKey(config.seed)
     params, model_state = models.init_model(model, jax.random.fold_in(root, 0), (1,) + tuple(input_shape))
     tx = make_optimizer(config.optimizer, steps_per_epoch, config.train.epochs)
