@@ -135,15 +135,22 @@ def test_corrupt_checkpoint_is_a_clear_error(reference_run, tmp_path):
         load_run(run_dir, "last")
 
 
-def test_two_devices_match_one_device(reference_run, tmp_path):
-    """Data-parallel sharding over 2 forced host devices gives the 1-device result within float tolerance."""
-    run_dir = str(tmp_path / "two")
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    proc = _cli(run_dir, env=env)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    assert "on 2 device(s)" in out
-    two = load_run(run_dir, "last")
-    one = load_run(reference_run[0], "last")
-    for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
+def test_two_devices_match_one_device(tmp_path):
+    """Data-parallel sharding over 2 forced host devices gives the 1-device result within float tolerance.
+
+    Clean training with a small learning rate: PGD's sign steps and large steps would amplify the last-bit
+    differences of the sharded reductions into a chaotic divergence."""
+    one_dir, two_dir = str(tmp_path / "one"), str(tmp_path / "two")
+    c = clean_config.get_config("tiny")
+    c.train.epochs = 1
+    c.optimizer.lr = 1e-3
+    train(c, one_dir, progress=False)
+    cmd = [sys.executable, "-m", "experiments.cifar10_at", "--config=experiments/configs/clean.py:tiny",
+           "--config.train.epochs=1", "--config.optimizer.lr=0.001", f"--run-dir={two_dir}", "--no-progress"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "on 2 device(s)" in proc.stdout
+    two, one = load_run(two_dir, "last"), load_run(one_dir, "last")
+    for a, b in zip(jax.tree.leaves((two.params, two.model_state)), jax.tree.leaves((one.params, one.model_state))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)  # measured max 2.3e-5
