@@ -14,7 +14,7 @@ from toy_task import make_data, toy_logits_fn
 
 N, SIZE, BS = 40, 16, 16  # 40 points in batches of 16: every stage has a padded last batch
 EPS = 3 / 255
-FAST = AutoAttackConfig(eps=EPS, version="fast", n_iter=10, n_target_classes=2)
+FAST = AutoAttackConfig(eps=EPS, version="fast", n_iter=10, n_target_classes=2, apgd_unroll=2)  # as test_apgd
 QUIET = dict(batch_size=BS, shape_buckets=1, log=lambda s: None)  # one compile per attack (compiles dominate)
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # ~90 s: PyTorch APGD runs next to ours
 torch = pytest.importorskip("torch")
 pytest.importorskip("pyautoattack")
 from pyautoattack import AutoAttack  # noqa: E402
@@ -69,7 +70,7 @@ def test_single_run_follows_the_original(pair, norm, eps, loss, targeted):
         ref.y_target = torch.from_numpy(y_target).long()
     t_best, t_acc, t_loss_best, t_best_adv = ref.attack_single_run(xt, torch.from_numpy(y).long(), to_nchw(start))
 
-    cfg = APGDConfig(eps=eps, norm=norm, n_iter=n_iter, loss=loss, targeted=targeted)
+    cfg = APGDConfig(eps=eps, norm=norm, n_iter=n_iter, loss=loss, targeted=targeted, unroll=2)
     r = single_run(f, jnp.asarray(x), jnp.asarray(y), jnp.asarray(start), jnp.asarray(y_target),
                    jnp.ones(len(x), bool), cfg)
     # float32 rounding differs between the frameworks. Where the start is nearly certain (CE ~ 1e-5) the gradient is
@@ -92,8 +93,8 @@ def test_robust_accuracy_agrees_with_the_original(pair):
     """Full attacks with their own random starts: robust accuracy within 2 of 64 points (APGD-CE, APGD-T)."""
     f, net, x, y = pair
     eps = 4 / 255  # same eps, iterations and batch shape as above: the compiled APGD steps are reused
-    cfg = AutoAttackConfig(eps=eps, version="fast", n_iter=20, n_target_classes=3)
-    ours = autoattack(f, x, y, jax.random.key(0), cfg, batch_size=64, log=lambda s: None).accuracy()
+    cfg = AutoAttackConfig(eps=eps, version="fast", n_iter=20, n_target_classes=3, apgd_unroll=2)
+    ours = autoattack(f, x, y, jax.random.key(0), cfg, batch_size=64, shape_buckets=1, log=lambda s: None).accuracy()
     aa = AutoAttack(net, attacks=["apgd-ce", "apgd-t"], version="custom", eps=eps, norm="Linf", seed=0,
                     device="cpu")
     aa.apgd.n_iter = aa.apgd_targeted.n_iter = 20
