@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _log(progress: bool) -> Callable[[str], None]:
+    if progress:
+        from tqdm import tqdm
+        return tqdm.write  # keeps the progress bars intact
+    return print
+
+
 def _snapshot_tag(snapshot, epoch) -> str:
     return f"{snapshot}-ep{epoch}" if snapshot in ("best", "last") else f"ep{snapshot}"
 
@@ -142,7 +149,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
         state = ev.evaluate(logits_fn, x, y, jax.random.key(args.seed), comps, norm=args.norm,
                             batch_size=args.batch_size, shape_buckets=args.shape_buckets, state_path=state_path,
                             fp=fp,
-                            progress=not args.no_progress, log=print)
+                            progress=not args.no_progress, log=_log(not args.no_progress))
     except ValueError as e:
         raise SystemExit(f"{e} (use --fresh)")
     result = ev.summary(state, comps, name=name, attack=args.attack,

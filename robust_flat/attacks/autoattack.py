@@ -275,7 +275,8 @@ def run_cascade(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, 
     Batches hold up to ``batch_size`` points, padded to one of ``shape_buckets`` sizes (see module docstring).
 
     ``norm`` is the norm the perturbation sizes are recorded in. ``on_batch(state, stage, n_done, n_total)`` is
-    called after every batch (``stage`` = ``"clean"`` or the attack name), e.g. to save the state. ``log`` gets the
+    called when a stage starts and after every batch (``stage`` = ``"clean"`` or the attack name), e.g. to save the
+    state. ``log`` gets the
     original's summary lines (default: this module's logger at INFO level).
     """
     log = log or logger.info
@@ -296,6 +297,8 @@ def run_cascade(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, 
     start = time.time()
 
     todo = np.flatnonzero(~state.clean_done)
+    if on_batch and len(todo):
+        on_batch(state, CLEAN, int(state.clean_done.sum()), state.n)  # stage start
     for b in range(0, len(todo), bs):
         idx = todo[b:b + bs]
         pred = predict(logits_fn, jnp.asarray(_pad(x[idx], bs)))[:len(idx)]
@@ -312,6 +315,8 @@ def run_cascade(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, 
         if not len(todo):
             continue
         n_total = int(state.attempted[k].sum()) + len(todo)
+        if on_batch:
+            on_batch(state, comp.name, int(state.attempted[k].sum()), n_total)  # stage start
         for b in range(0, len(todo), bs):
             idx = todo[b:b + bs]
             size = bucket_size(len(idx), bs, shape_buckets)
