@@ -595,6 +595,27 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(result: dict) -> str:
+    """The results as a Markdown table (what benchmarks/README.md shows)."""
+    lines = ["| model | row | variant | n | median s | min s | max s | img/s | GFLOP/s | % peak | compile s | "
+             "JAX/torch | load (1 min) | peak RSS MB |", "|" + "---|" * 14]
+    for row in result["rows"]:
+        for name, v in row["variants"].items():
+            ratio = ""
+            if name == "jax" and "jax_over_torch" in row:
+                ratio = f"**{row['jax_over_torch']:.2f}**"
+            elif name == "jax_switch_off":
+                ratio = f"off/on {row['switch_off_over_on']:.2f}"
+            comp = "" if v.get("compile_s") is None else f"{v['compile_s']:.1f}"
+            if comp and v.get("compile_method") != "lower()+compile()":
+                comp += "*"
+            load = f"{row['load_avg_1min_before']:.1f}-{row['load_avg_1min_after']:.1f}"
+            lines.append(f"| {row['model']} | {row['row']} | {name} | {v['n']} | {v['median_s']:.3f} | "
+                         f"{v['min_s']:.3f} | {v['max_s']:.3f} | {v['images_per_s']:.1f} | {v['gflops']:.1f} | "
+                         f"{v['pct_peak']:.0f}% | {comp} | {ratio} | {load} | {row['process_peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
@@ -604,13 +625,21 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--out", default="benchmarks/results/latest.json")
     ap.add_argument("--no-torch", action="store_true", help="JAX variants only")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into an existing --out file: its rows for other (model, row) pairs are kept, its "
+                         "run metadata goes to meta['previous_runs']")
     ap.add_argument("--skip", default=DEFAULT_SKIP, help="model:row pairs (or rows) not to run; 'none' for none")
     ap.add_argument("--switch-off", default=DEFAULT_SWITCH_OFF,
                     help="model:row pairs (or rows) that also run with the XLA:CPU conv switch off; 'none' for none")
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--matmul-size", type=int, default=4096)
     ap.add_argument("--matmul-repeats", type=int, default=5)
+    ap.add_argument("--report", metavar="JSON", help="print the Markdown table of a saved result and exit")
     args = ap.parse_args(argv)
+    if args.report:
+        with open(args.report) as fh:
+            print(markdown_table(json.load(fh)))
+        return None
 
     rows = [r for r in args.rows.split(",") if r]
     models = [m for m in args.models.split(",") if m]
@@ -646,11 +675,26 @@ def main(argv=None):
     log(f"matmul peak: numpy {args.matmul_size}^2 float32 ...")
     mm_start = matmul_gflops(args.matmul_size, args.matmul_repeats)
     peak = mm_start["median_gflops"]
+    meta["matmul_peak"] = {"start": mm_start, "used_for_pct_peak_gflops": peak}
     log(f"  {peak:.1f} GFLOP/s")
 
     result = {"meta": meta, "rows": []}
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
+    kept = []
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as fh:
+            old = json.load(fh)
+        new_pairs = {(m, r) for m in models for r in rows if not _matches(skip, m, r)}
+        kept = [r for r in old.get("rows", []) if (r["model"], r["row"]) not in new_pairs]
+        previous = old.get("meta", {})
+        for r in kept:  # rows of a run that did not record its date / peak per row
+            r.setdefault("run_date_utc", previous.get("date_utc"))
+            r.setdefault("matmul_peak_gflops", previous.get("matmul_peak", {}).get("used_for_pct_peak_gflops"))
+        meta["previous_runs"] = previous.pop("previous_runs", []) + [previous]
+        for name, info in previous.get("models", {}).items():
+            meta.setdefault("models", {})[name] = info
+    result["rows"] = list(kept)
 
     def save():
         tmp = args.out + ".tmp"
@@ -669,13 +713,14 @@ def main(argv=None):
         for row in todo:
             log(f"row {name} {row} ...")
             res = run_row(s, row, repeats[name], args.warmup, with_torch, _matches(switch_off, name, row), peak, log)
+            res["run_date_utc"], res["matmul_peak_gflops"] = meta["date_utc"], peak
             result["rows"].append(res)
             save()
         del s
         gc.collect()
     meta["skipped"] = sorted(f"{m}:{r}" for m in models for r in rows if _matches(skip, m, r))
     mm_end = matmul_gflops(args.matmul_size, args.matmul_repeats)
-    meta["matmul_peak"] = {"start": mm_start, "end": mm_end, "used_for_pct_peak_gflops": peak}
+    meta["matmul_peak"]["end"] = mm_end
     meta["load_avg_end"] = os.getloadavg()
     save()
     print(f"# {meta['date_utc']}  {meta['cpu_model']}, {meta['cpu_count']} cores, load avg (1/5/15 min) start "
