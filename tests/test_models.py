@@ -92,3 +92,34 @@ def test_unknown_model_or_option_is_a_clear_error():
         M.create_model("wrn28_10", channels=(1, 2))
     with pytest.raises(ValueError, match="unknown activation"):
         _init("small_cnn", activation="swishy")
+
+
+@pytest.mark.parametrize("name,opts", [("small_cnn", dict(channels=(8, 16), hidden=32, norm="rebn")),
+                                       ("resnet18", dict(width=8))])
+def test_bfloat16_compute_keeps_float32_params_stats_and_logits(name, opts):
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    m32 = M.create_model(name, **opts)
+    m16 = M.create_model(name, dtype="bfloat16", **opts)
+    params, state = M.init_model(m32, jax.random.PRNGKey(0))
+    params16, state16 = M.init_model(m16, jax.random.PRNGKey(0))
+    # same parameter tree, all float32: checkpoints of either dtype are interchangeable
+    assert jax.tree.structure(params) == jax.tree.structure(params16)
+    assert {a.dtype for a in jax.tree.leaves((params16, state16))} == {jnp.dtype(jnp.float32)}
+    apply16 = M.make_apply_fn(m16)
+    logits16, new_state = apply16(params, state, x, train=True)
+    assert logits16.dtype == jnp.float32
+    assert {a.dtype for a in jax.tree.leaves(new_state)} <= {jnp.dtype(jnp.float32)}
+    # the convolutions really run in bfloat16
+    jaxpr = str(jax.make_jaxpr(M.make_logits_fn(m16))(params, state, x))
+    assert "conv_general_dilated" in jaxpr and "bf16[4,32,32,8]" in jaxpr
+    logits32 = M.make_logits_fn(m32)(params, state, x)
+    logits16 = M.make_logits_fn(m16)(params, state, x)
+    scale = float(jnp.max(jnp.abs(logits32)))
+    err = float(jnp.max(jnp.abs(logits32 - logits16)))
+    assert 0 < err < 0.1 * scale
+
+
+def test_unknown_compute_dtype_is_a_clear_error():
+    model = M.create_model("small_cnn", dtype="float8")
+    with pytest.raises(ValueError, match="compute dtype"):
+        M.init_model(model, jax.random.PRNGKey(0))

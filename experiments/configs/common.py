@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
         norm="rebn",         # rebn (paper: scale 1+gamma) | bn | none
         dropout=0.0,         # paper's dropout variant: 0.1
         width=ml_collections.FieldReference(None, field_type=int),  # None: the model's default (64 for ResNet-18)
+        dtype="float32",     # compute dtype; bfloat16: faster on GPU/TPU, params/optimizer/BN stats stay float32
     ))
 
     c.data = ml_collections.ConfigDict(dict(

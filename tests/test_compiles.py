@@ -1,0 +1,95 @@
+"""No recompiles across batches, weights or epochs: counted with JAX's backend-compile monitoring event.
+
+A jitted function that is traced again for every batch (a Python scalar baked in, a new closure per call, a shape
+that changes) is correct but silently slow; these tests catch it.
+"""
+import jax
+import numpy as np
+import pytest
+from jax import monitoring
+from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+from experiments.configs import pgd_at as pgd_at_config
+from robust_flat import flatness as F
+from robust_flat.attacks.apgd import APGDConfig, apgd
+from robust_flat.attacks.pgd import PGDConfig, pgd
+from robust_flat.models import bind, make_logits_fn
+from robust_flat.training.trainer import train
+from robust_flat.weights import Neighbourhood
+
+from flatness_toy import make_data, random_params, tiny_model
+
+
+class CompileCounter:
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event, duration_secs, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            self.count += 1
+
+
+@pytest.fixture
+def compiles():
+    counter = CompileCounter()
+    monitoring.register_event_duration_secs_listener(counter)
+    yield counter
+    monitoring.unregister_event_duration_listener(counter)
+
+
+def _weights(model, seeds):
+    return [random_params(model, seed) for seed in seeds]
+
+
+def test_counter_sees_a_compile(compiles):
+    f = jax.jit(lambda x: x * 3.0 + 1.0)
+    f(np.ones(3, np.float32))
+    assert compiles.count >= 1
+    before = compiles.count
+    f(np.ones(4, np.float32))  # new shape: must be counted
+    assert compiles.count > before
+
+
+def test_pgd_and_apgd_compile_once_for_new_batches_and_new_weights(compiles):
+    model = tiny_model()
+    logits_fn = make_logits_fn(model)
+    x, _ = make_data(64)
+    cfg, acfg = PGDConfig(steps=2), APGDConfig(n_iter=4, unroll=2)
+    keys = [jax.random.PRNGKey(i) for i in range(3)]
+    warm = None
+    for i, (p, s) in enumerate(_weights(model, (0, 1, 2))):
+        f = bind(logits_fn, p, s)
+        xb = x[32 * (i % 2):32 * (i % 2) + 32]
+        yb = np.asarray(f(xb).argmax(-1))  # the model's own predictions: every point is attacked (APGD skips
+        jax.block_until_ready(pgd(f, xb, yb, keys[i], cfg))  # misclassified points, and with them its compiles)
+        jax.block_until_ready(apgd(f, xb, yb, keys[i], acfg))
+        if i == 0:
+            warm = compiles.count
+    assert compiles.count == warm
+
+
+def test_average_case_flatness_compiles_once_per_shape(compiles):
+    model = tiny_model()
+    logits_fn = make_logits_fn(model)
+    x, y = make_data(64)
+    cfg = F.AverageCaseConfig(neighbourhood=Neighbourhood(xi=0.1), samples=2, attack=PGDConfig(steps=2),
+                              reference_attack=PGDConfig(steps=2), batch_size=32, strategy="loop")
+    (p0, s0), (p1, s1) = _weights(model, (0, 1))
+    F.average_case(logits_fn, p0, s0, x, y, jax.random.PRNGKey(0), cfg)  # 2 batches x 2 samples
+    warm = compiles.count
+    F.average_case(logits_fn, p1, s1, x, y, jax.random.PRNGKey(1), cfg)  # new weights, new key
+    assert compiles.count == warm
+
+
+def test_training_compiles_the_same_for_one_epoch_and_three(tmp_path, compiles):
+    """Steps, epochs, evaluations and checkpoints after the first of each add no compilation."""
+    counts = []
+    for epochs in (1, 3):
+        jax.clear_caches()
+        config = pgd_at_config.get_config("tiny")
+        config.train.epochs = epochs
+        before = compiles.count
+        train(config, str(tmp_path / f"run{epochs}"), progress=False)
+        counts.append(compiles.count - before)
+    assert counts[0] > 0
+    assert counts[1] == counts[0], f"1 epoch: {counts[0]} compiles, 3 epochs: {counts[1]}"
