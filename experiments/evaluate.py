@@ -78,6 +78,8 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     parser = build_parser()
     args = parser.parse_args(argv)
     from robust_flat import evaluation as ev
+    from robust_flat.io import atomic_write_json
+    from robust_flat.partial import fingerprint
 
     try:
         eps = ev.parse_eps(args.eps)
@@ -128,7 +130,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     settings = dict(eps=eps, norm=args.norm, seed=args.seed, subset=args.subset, n=len(x),
                     batch_size=args.batch_size, shape_buckets=args.shape_buckets, epoch=loaded.epoch,
                     step=loaded.step, ema=args.use_ema, labels=hashlib.sha256(y.tobytes()).hexdigest()[:12])
-    fp = ev.fingerprint(ev.config_payload(comps, **settings))
+    fp = fingerprint(ev.config_payload(comps, **settings))
 
     if args.fresh:
         for path in (json_path, state_path):
@@ -161,7 +163,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
                         snapshot=str(args.snapshot), epoch=loaded.epoch, step=loaded.step,
                         weights="ema" if args.use_ema else "params", fingerprint=fp,
                         examples_file=os.path.basename(state_path), time_s=round(time.time() - start, 1))
-    ev.atomic_write_json(json_path, result)
+    atomic_write_json(json_path, result)
     after = ", ".join(f"{k} {v:.2%}" for k, v in result["accuracy_after"].items())
     print(f"{name}: {after}; robust accuracy {result['robust_accuracy']:.2%} on {len(x)} examples -> {json_path}")
     return result

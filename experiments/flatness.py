@@ -7,30 +7,32 @@ Measures (paper defaults; see :mod:`robust_flat.flatness`):
                    20 iterations, 10 restarts (max over restarts of the dataset-mean loss)
 * ``clean_avg``, ``clean_worst``   the same for the clean cross-entropy
 * ``hessian``, ``landscape``       dispatched to ``robust_flat.hessian.run_cli`` / ``robust_flat.landscape.run_cli``;
-  options this script does not know (``--k 4``, ``--directions random``) are passed to them as attributes.
+  options this script does not know (``--k 4``, ``--directions random``) are passed to them as attributes. They
+  show progress and resume the same way (Lanczos run / Hutchinson and SLQ probes; landscape curves / surface rows).
 
 Data: ``--subset`` (default ``test_first1000``, the paper's; ``test_last500`` for the Hessian, ``test_last100`` for
 the landscape), the first ``--n-examples`` of it (default 1000 for the flatness measures).
 
 Output: ``RUN/flatness/<name>.json`` (summary) and ``<name>.npz`` (per-example losses), ``<name>`` =
 ``{measure}_xi{xi}_{snapshot}`` unless ``--name``. Interrupted runs resume: each finished sample/restart and the
-reference loss are written atomically (temp file + ``os.replace``) under ``RUN/flatness/.partial/<name>-<hash>/``
-(the hash covers every setting that changes the numbers); a rerun skips them. Keys derive from ``--seed``, so a
-resumed run gives the same numbers as an uninterrupted one. A finished result is not recomputed unless ``--fresh``.
+reference loss are written atomically (:mod:`robust_flat.io`) under ``RUN/flatness/.partial/<name>-<hash>/``
+(:mod:`robust_flat.partial`; the hash covers every setting that changes the numbers); a rerun skips them. Keys
+derive from ``--seed``, so a resumed run gives the same numbers as an uninterrupted one. A finished result is not
+recomputed unless ``--fresh``.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import importlib
-import json
 import os
 import sys
-import tempfile
 from typing import Callable, Optional
 
 import numpy as np
+
+from robust_flat.io import atomic_save_npz, atomic_write_json
+from robust_flat.partial import PartialResults, finished_result, fingerprint
 
 FLATNESS_MEASURES = ("avg", "worst", "clean_avg", "clean_worst")
 DISPATCHED = ("hessian", "landscape")
@@ -115,49 +117,17 @@ def make_config(args, clip_weights: Optional[float] = None):
 
 
 # ------------------------------------------------------------------------------------------------ persistence
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the result ordinary file permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def save_unit(partial: PartialResults, k: int, losses: np.ndarray) -> None:
+    partial.save_array(f"unit_{k:04d}", losses)
 
 
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    import io
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array))
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def save_unit(partial_dir: str, k: int, losses: np.ndarray) -> None:
-    atomic_save_npy(os.path.join(partial_dir, f"unit_{k:04d}.npy"), losses)
-
-
-def load_units(partial_dir: str, n_units: int, n_examples: int) -> dict[int, np.ndarray]:
+def load_units(partial: PartialResults, n_units: int, n_examples: int) -> dict[int, np.ndarray]:
     done = {}
     for k in range(n_units):
-        path = os.path.join(partial_dir, f"unit_{k:04d}.npy")
-        if os.path.isfile(path):
-            arr = np.load(path)
-            if arr.shape == (n_examples,):
-                done[k] = arr
+        arr = partial.load_array(f"unit_{k:04d}", (n_examples,))
+        if arr is not None:
+            done[k] = arr
     return done
-
-
-def fingerprint(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _snapshot_tag(snapshot, epoch) -> str:
@@ -236,30 +206,21 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
                "labels": hashlib.sha256(y.tobytes()).hexdigest()[:12]}
     fp = fingerprint(payload)
     json_path = os.path.join(out_dir, f"{name}.json")
-    partial_dir = os.path.join(out_dir, ".partial", f"{name}-{fp}")
 
-    if not args.fresh and os.path.isfile(json_path):
-        with open(json_path) as f:
-            previous = json.load(f)
-        if previous.get("fingerprint") == fp:
-            print(f"{json_path} is up to date (flatness {previous['flatness']:.4f}); use --fresh to recompute")
-            return previous
-    if args.fresh and os.path.isdir(partial_dir):
-        for f in os.listdir(partial_dir):
-            os.unlink(os.path.join(partial_dir, f))
-    os.makedirs(partial_dir, exist_ok=True)
+    previous = None if args.fresh else finished_result(json_path, fp)
+    if previous is not None:
+        print(f"{json_path} is up to date (flatness {previous['flatness']:.4f}); use --fresh to recompute")
+        return previous
+    partial = PartialResults(out_dir, name, fp, fresh=args.fresh)
 
-    done = load_units(partial_dir, config.units, len(x))
-    ref_path = os.path.join(partial_dir, "reference.npy")
-    reference = np.load(ref_path) if os.path.isfile(ref_path) else None
-    if reference is not None and reference.shape != (len(x),):
-        reference = None
+    done = load_units(partial, config.units, len(x))
+    reference = partial.load_array("reference", (len(x),))
     nb = total_work(config, len(x), include_reference=reference is None)
     per_unit = total_work(config, len(x), include_reference=False) // config.units
     total = nb - per_unit * len(done)
     if done or reference is not None:
         print(f"resuming: {len(done)}/{config.units} samples and {'the' if reference is not None else 'no'} "
-              f"reference loss already done ({partial_dir})")
+              f"reference loss already done ({partial.path})")
 
     from tqdm import tqdm
     bar = tqdm(total=total, desc=f"{args.measure} xi={xi:g}", unit="batch", disable=args.no_progress)
@@ -268,8 +229,8 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     logits_fn = make_logits_fn(loaded.model)  # eval-mode BN
     try:
         result = fn(logits_fn, params, loaded.model_state, x, y, jax.random.PRNGKey(args.seed), config,
-                    done=done, on_unit=lambda k, losses: save_unit(partial_dir, k, losses),
-                    reference=reference, on_reference=lambda r: atomic_save_npy(ref_path, r),
+                    done=done, on_unit=lambda k, losses: save_unit(partial, k, losses),
+                    reference=reference, on_reference=lambda r: partial.save_array("reference", r),
                     progress=bar.update)
     finally:
         bar.close()
@@ -278,13 +239,10 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     out.update({"fingerprint": fp, "run_dir": os.path.abspath(args.run_dir), "snapshot": str(args.snapshot),
                 "epoch": loaded.epoch, "step": loaded.step, "seed": args.seed, "subset": subset,
                 "use_ema": args.use_ema, "resumed_units": sorted(done)})
-    buf = __import__("io").BytesIO()
-    np.savez(buf, per_example=result.per_example, reference_per_example=result.reference_per_example)
-    atomic_write_bytes(os.path.join(out_dir, f"{name}.npz"), buf.getvalue())
-    atomic_write_bytes(json_path, (json.dumps(out, indent=2) + "\n").encode())
-    for f in os.listdir(partial_dir):
-        os.unlink(os.path.join(partial_dir, f))
-    os.rmdir(partial_dir)
+    atomic_save_npz(os.path.join(out_dir, f"{name}.npz"), per_example=result.per_example,
+                    reference_per_example=result.reference_per_example)
+    atomic_write_json(json_path, out, indent=2)
+    partial.remove()
     print(f"{args.measure}: flatness {result.flatness:.4f} = {'mean' if fn is average_case else 'max'} perturbed "
           f"{result.perturbed_mean if fn is average_case else result.perturbed_max:.4f} - reference "
           f"{result.reference:.4f} (std over samples {result.perturbed_std:.4f}) -> {json_path}")

@@ -10,11 +10,9 @@ into the JSON summary that ``python -m experiments.evaluate`` writes next to the
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
@@ -23,6 +21,7 @@ import numpy as np
 from robust_flat.attacks.autoattack import (ATTACK_NAMES, CLEAN, AutoAttackConfig, CascadeState, Component,
                                             component, components, describe, run_cascade)
 from robust_flat.attacks.pgd import PGDConfig, pgd
+from robust_flat.io import atomic_write_json
 
 ATTACKS = ("autoattack", "pgd") + ATTACK_NAMES
 PAPER_EPS = 8 / 255  # the paper's PGD step 0.007 belongs to eps 0.0314 ~ 8/255; other eps scale it
@@ -71,26 +70,6 @@ def make_components(attack: str, eps: float, norm: str = "linf", version: str = 
 
 
 # ------------------------------------------------------------------------------------------------ persistence
-def atomic_write_json(path: str, obj) -> None:
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def fingerprint(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def load_state(path: str, fp: str) -> Optional[CascadeState]:
     """The saved state at ``path`` if it exists; ``ValueError`` if it belongs to a different evaluation."""
     if not os.path.isfile(path):
@@ -207,11 +186,11 @@ SPEED_ONLY = ("unroll", "loop")  # config fields that change speed, not results
 
 
 def config_payload(comps: Sequence[Component], **settings) -> dict:
-    """What the numbers depend on (for :func:`fingerprint`)."""
+    """What the numbers depend on (for :func:`robust_flat.partial.fingerprint`)."""
     attacks = [{"name": d["name"], "config": {k: v for k, v in d["config"].items() if k not in SPEED_ONLY}}
                for d in describe(comps)]
     return {"attacks": attacks, **settings}
 
 
 __all__ = ["ATTACKS", "parse_eps", "eps_tag", "make_components", "evaluate", "summary", "load_state", "save_state",
-           "atomic_write_json", "fingerprint", "config_payload", "library_versions"]
+           "config_payload", "library_versions"]
