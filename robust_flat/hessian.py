@@ -36,7 +36,6 @@ kernel weights) with 80 iterations needs ~3.5 GB.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -52,6 +51,7 @@ from jax.flatten_util import ravel_pytree
 from robust_flat import xla
 from robust_flat.attacks.common import check_inputs, cross_entropy
 from robust_flat.attacks.pgd import PGDConfig, pgd
+from robust_flat.io import atomic_save_figure
 from robust_flat.models import bind, make_logits_fn
 
 SEP = "/"  # parameter paths are the Flax module path joined by "/", e.g. "stage1_block0/conv1/kernel"
@@ -198,7 +198,9 @@ class HessianOperator:
     ``logits_fn``: ``(params, model_state, x) -> logits`` in eval mode (:func:`robust_flat.models.make_logits_fn`),
     hashable. ``key`` is needed only for ``loss="robust"`` (the PGD start). Attributes: ``dim``, ``paths`` (the
     selected parameters, in the order of the flat vector), ``x_used`` (the inputs of the loss: ``x`` or the fixed
-    adversarial examples), ``num_hvps`` and ``hvp_seconds`` (host-side counters).
+    adversarial examples), ``num_hvps`` and ``hvp_seconds`` (host-side counters). ``adversarial``: adversarial
+    examples computed earlier for the same weights, data and ``config.pgd`` (``loss="robust"`` only; e.g. saved by
+    an interrupted CLI run): used instead of running the attack.
 
     Batches have a fixed shape (one compile): the last one is padded with zero-weight copies of other examples,
     which is exact only for an eval-mode ``logits_fn`` (train-mode BN would mix the copies into the batch
@@ -206,9 +208,16 @@ class HessianOperator:
     """
 
     def __init__(self, logits_fn, params, model_state, x, y, config: HessianConfig = HessianConfig(),
-                 key: Optional[jax.Array] = None):
+                 key: Optional[jax.Array] = None, adversarial: Optional[np.ndarray] = None):
         x, y = _check_data(x, y)
-        if config.loss == "robust":
+        if adversarial is not None:
+            if config.loss != "robust":
+                raise ValueError("adversarial examples are only used for loss='robust'")
+            adversarial, _ = _check_data(adversarial, y)
+            if adversarial.shape != x.shape:
+                raise ValueError(f"adversarial examples of shape {adversarial.shape} for inputs of shape {x.shape}")
+            x = adversarial
+        elif config.loss == "robust":
             if key is None:
                 raise ValueError("the robust-loss Hessian needs a key for the PGD attack")
             x = adversarial_examples(logits_fn, params, model_state, x, y, key, config.pgd, config.batch_size)
@@ -397,16 +406,26 @@ class TraceResult:
 
 
 def hutchinson_trace(matvec: Callable, dim: int, key: jax.Array, num_probes: int = 100,
-                     dtype=jnp.float32) -> TraceResult:
-    """Hutchinson's estimator ``mean_i z_i^T H z_i`` with Rademacher ``z_i`` (variance ``2 sum_{j != k} H_jk^2``)."""
+                     dtype=jnp.float32, *, done: Optional[dict] = None,
+                     on_probe: Optional[Callable[[int, float], Any]] = None) -> TraceResult:
+    """Hutchinson's estimator ``mean_i z_i^T H z_i`` with Rademacher ``z_i`` (variance ``2 sum_{j != k} H_jk^2``).
+
+    Resumption: ``done`` maps finished probe indices to their ``z^T H z`` (skipped; probe ``i`` always uses the
+    ``i``-th key split from ``key``), ``on_probe(i, value)`` is called after each computed probe."""
     if dim is None:
         dim = matvec.dim
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    done = done or {}
     samples = []
-    for kk in jax.random.split(key, num_probes):
+    for i, kk in enumerate(jax.random.split(key, num_probes)):
+        if i in done:
+            samples.append(float(done[i]))
+            continue
         z = jax.random.rademacher(kk, (dim,), dtype)
         samples.append(float(jnp.vdot(z, matvec(z))))
+        if on_probe is not None:
+            on_probe(i, samples[-1])
     samples = np.asarray(samples)
     stderr = float(samples.std(ddof=1) / math.sqrt(num_probes)) if num_probes > 1 else float("nan")
     return TraceResult(float(samples.mean()), stderr, samples)
@@ -441,22 +460,32 @@ def gaussian_density(grid, nodes, weights, sigma: float) -> np.ndarray:
 
 def spectral_density(matvec: Callable, dim: int, key: jax.Array, num_probes: int = 5, num_iters: int = 80,
                      grid_size: int = 1000, sigma: Optional[float] = None, sigma_rel: float = 0.01,
-                     dtype=jnp.float32) -> DensityResult:
+                     dtype=jnp.float32, *, done: Optional[dict] = None,
+                     on_probe: Optional[Callable[[int, np.ndarray, np.ndarray], Any]] = None) -> DensityResult:
     """Stochastic Lanczos quadrature (Ghorbani et al. 2019) with ``num_probes`` Gaussian start vectors.
 
     ``sigma``: the Gaussian broadening (standard deviation); default ``sigma_rel`` times the range of the Ritz
     values. The grid extends 5 sigma past the extreme Ritz values, so the density integrates to 1 up to truncation
     (it is not renormalized).
+
+    Resumption: ``done`` maps finished probe indices to their ``(nodes, weights)`` (skipped; probe ``i`` always
+    uses the ``i``-th key split from ``key``), ``on_probe(i, nodes, weights)`` is called after each computed probe.
     """
     if dim is None:
         dim = matvec.dim
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    done = done or {}
     runs = []
-    for kk in jax.random.split(key, num_probes):
+    for i, kk in enumerate(jax.random.split(key, num_probes)):
+        if i in done:
+            runs.append(tuple(np.asarray(a, np.float64) for a in done[i]))
+            continue
         res = lanczos(matvec, dim, num_iters, kk, dtype)
         theta, s = res.ritz()
         runs.append((theta, s[0, :] ** 2))
+        if on_probe is not None:
+            on_probe(i, *runs[-1])
     m = max(len(t) for t, _ in runs)
     nodes = np.full((num_probes, m), np.nan)
     weights = np.full((num_probes, m), np.nan)
@@ -489,18 +518,63 @@ def plot_density(result: DensityResult, path: str, eigen: Optional[EigenResult] 
     ax.set_ylabel("density (SLQ)")
     ax.set_title(title or "Hessian spectral density")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_save_figure(path, fig, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def _counting(matvec, progress):
+    def counted(v):
+        out = matvec(v)
+        progress(1)
+        return out
+
+    return counted
+
+
+EIGEN_FIELDS = ("top", "bottom", "top_residuals", "bottom_residuals")
+
+
+def num_matvecs(dim: int, k: int = 4, num_iters: int = 80, trace_probes: int = 50, density_probes: int = 5) -> dict:
+    """Hessian-vector products :func:`spectrum_summary` needs per unit (Lanczos may stop earlier on an invariant
+    subspace): ``{"eigen": ..., "trace": per probe, "density": per probe}``."""
+    return {"eigen": min(max(num_iters, 2 * k), dim), "trace": 1, "density": min(num_iters, dim)}
 
 
 def spectrum_summary(op: HessianOperator, key: jax.Array, k: int = 4, num_iters: int = 80,
-                     trace_probes: int = 50, density_probes: int = 5, vectors: bool = False):
+                     trace_probes: int = 50, density_probes: int = 5, vectors: bool = False, *,
+                     done: Optional[dict] = None, on_unit: Optional[Callable[[str, dict], Any]] = None,
+                     progress: Optional[Callable[[int], Any]] = None):
     """Eigenvalues, trace and density of ``op`` with independent keys split from ``key``; returns
-    ``(summary dict for JSON, EigenResult, TraceResult, DensityResult)``."""
+    ``(summary dict for JSON, EigenResult, TraceResult, DensityResult)``.
+
+    Resumption: the work is split into units -- ``"eigen"`` (the top/bottom-k Lanczos run), ``"trace_0007"`` (one
+    Hutchinson probe), ``"density_0002"`` (one SLQ probe). ``done`` maps finished unit names to their arrays (as
+    passed to ``on_unit(name, arrays)`` after each computed unit); those are not recomputed and the result equals
+    an uninterrupted run's. (With ``vectors=True`` the eigen unit is always recomputed: eigenvectors are not
+    saved.) ``progress(1)`` is called after every Hessian-vector product (see :func:`num_matvecs`)."""
+    done = done or {}
+    save = on_unit or (lambda name, arrays: None)
+    matvec = op if progress is None else _counting(op, progress)
     k_eig, k_trace, k_density = jax.random.split(key, 3)
-    eig = extreme_eigenvalues(op, op.dim, k_eig, k=k, num_iters=num_iters, vectors=vectors)
-    trace = hutchinson_trace(op, op.dim, k_trace, trace_probes) if trace_probes > 0 else None
-    density = spectral_density(op, op.dim, k_density, density_probes, num_iters) if density_probes > 0 else None
+    if "eigen" in done and not vectors:
+        u = done["eigen"]
+        eig = EigenResult(*(np.asarray(u[f], np.float64) for f in EIGEN_FIELDS), int(u["num_iters"]))
+    else:
+        eig = extreme_eigenvalues(matvec, op.dim, k_eig, k=k, num_iters=num_iters, vectors=vectors)
+        save("eigen", {**{f: getattr(eig, f) for f in EIGEN_FIELDS}, "num_iters": np.asarray(eig.num_iters)})
+    trace = density = None
+    if trace_probes > 0:
+        trace_done = {i: done[f"trace_{i:04d}"]["value"] for i in range(trace_probes) if f"trace_{i:04d}" in done}
+        trace = hutchinson_trace(matvec, op.dim, k_trace, trace_probes, done=trace_done,
+                                 on_probe=lambda i, v: save(f"trace_{i:04d}", {"value": np.asarray(v)}))
+    if density_probes > 0:
+        dens_done = {i: (done[u]["nodes"], done[u]["weights"])
+                     for i, u in ((i, f"density_{i:04d}") for i in range(density_probes)) if u in done}
+        density = spectral_density(
+            matvec, op.dim, k_density, density_probes, num_iters, done=dens_done,
+            on_probe=lambda i, t, w: save(f"density_{i:04d}", {"nodes": t, "weights": w}))
     summary = {
         "lambda_max": eig.max,
         "lambda_min": eig.min,
@@ -547,6 +621,24 @@ def cli_output_name(args, loaded_run, measure: str) -> str:
     return f"{measure}_{snapshot}-ep{epoch}" if str(snapshot) in ("best", "last") else f"{measure}_ep{snapshot}"
 
 
+def cli_settings(args, loaded_run, params, x, y) -> dict:
+    """What a CLI result depends on besides its own configuration (for :func:`robust_flat.partial.fingerprint`):
+    digests of the weights and the data, the run's epoch/step, ``snapshot``, ``use_ema``."""
+    from robust_flat.partial import array_digest
+
+    return {"params": array_digest(params, getattr(loaded_run, "model_state", None)), "data": array_digest(x, y),
+            "epoch": getattr(loaded_run, "epoch", None), "step": getattr(loaded_run, "step", None),
+            "snapshot": str(cli_arg(args, "snapshot", None)), "use_ema": bool(cli_arg(args, "use_ema", False))}
+
+
+def cli_progress_bar(args, total: int, desc: str, unit: str):
+    """A tqdm bar (disabled with ``args.no_progress``)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=bool(cli_arg(args, "no_progress",
+                                                                                            False)))
+
+
 def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
     """``experiments/flatness.py --measure hessian``: writes ``NAME.json`` (eigenvalues, trace, density, timing)
     and ``NAME_density.png`` to ``out_dir``; ``NAME`` = ``args.name`` or ``hessian[_robust]_{snapshot}``.
@@ -555,36 +647,75 @@ def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
     ``batch_size`` (128), ``hessian_loss`` ("clean" or "robust"), ``hessian_reduction`` ("sum": the code's sum of
     batch-mean Hessians; "mean"), ``hessian_select`` (None: >= 2-dim tensors; "layers"; a regex),
     ``trace_probes`` (50; 0 = skip), ``density_probes`` (5; 0 = skip), ``eps`` (8/255) and ``pgd_steps`` (20) for
-    the robust loss, ``use_ema`` (False). ``x, y``: the examples (paper/code: the last 500 test images).
+    the robust loss, ``use_ema`` (False), ``no_progress`` (False), ``fresh`` (False). ``x, y``: the examples
+    (paper/code: the last 500 test images).
+
+    Progress: a bar over Hessian-vector products. Resumption: the adversarial examples (robust loss), the
+    top/bottom-k Lanczos run, each Hutchinson probe and each SLQ probe are saved atomically under
+    ``out_dir/.partial/NAME-<fingerprint>/`` (:class:`robust_flat.partial.PartialResults`; the fingerprint covers
+    every setting above that changes the numbers, the weights and the data) and skipped by a rerun, which gives the
+    same numbers. A finished result with the same fingerprint is returned without recomputation unless ``fresh``.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    from robust_flat.io import atomic_write_json
+    from robust_flat.partial import PartialResults, finished_result, fingerprint
+
     seed = int(cli_arg(args, "seed", 0))
     params = cli_params(args, loaded_run)
     config = HessianConfig(
         loss=cli_arg(args, "hessian_loss", "clean"), select=cli_arg(args, "hessian_select", None),
         batch_size=int(cli_arg(args, "batch_size", 128)), reduction=cli_arg(args, "hessian_reduction", "sum"),
         pgd=PGDConfig(eps=float(cli_arg(args, "eps", 8 / 255)), steps=int(cli_arg(args, "pgd_steps", 20))))
+    k, num_iters = int(cli_arg(args, "k", 4)), int(cli_arg(args, "lanczos_iters", 80))
+    trace_probes, density_probes = int(cli_arg(args, "trace_probes", 50)), int(cli_arg(args, "density_probes", 5))
+    x, y = _check_data(x, y)
     name = cli_output_name(args, loaded_run, "hessian" if config.loss == "clean" else "hessian_robust")
+    path = os.path.join(out_dir, f"{name}.json")
+    fp = fingerprint({"measure": "hessian", "config": dataclasses.asdict(config), "seed": seed, "k": k,
+                      "lanczos_iters": num_iters, "trace_probes": trace_probes, "density_probes": density_probes,
+                      **cli_settings(args, loaded_run, params, x, y)})
+    fresh = bool(cli_arg(args, "fresh", False))
+    previous = None if fresh else finished_result(path, fp)
+    if previous is not None:
+        print(f"{path} is up to date (lambda_max {previous['lambda_max']:.4g}); use --fresh to recompute")
+        return previous
+    partial = PartialResults(out_dir, name, fp, fresh=fresh)
+
     key_attack, key_spectrum = jax.random.split(jax.random.PRNGKey(seed))
     logits_fn = make_logits_fn(loaded_run.model, train=False)
     t0 = time.perf_counter()
-    op = HessianOperator(logits_fn, params, loaded_run.model_state, x, y, config, key=key_attack)
-    summary, eig, _, density = spectrum_summary(
-        op, key_spectrum, k=int(cli_arg(args, "k", 4)), num_iters=int(cli_arg(args, "lanczos_iters", 80)),
-        trace_probes=int(cli_arg(args, "trace_probes", 50)),
-        density_probes=int(cli_arg(args, "density_probes", 5)))
+    adversarial = partial.load_array("adversarial_examples", x.shape) if config.loss == "robust" else None
+    if config.loss == "robust" and adversarial is None:
+        print(f"hessian: PGD-{config.pgd.steps} adversarial examples for {len(x)} inputs ...")
+    op = HessianOperator(logits_fn, params, loaded_run.model_state, x, y, config, key=key_attack,
+                         adversarial=adversarial)
+    if config.loss == "robust" and adversarial is None:
+        partial.save_array("adversarial_examples", op.x_used)
+    done = partial.load_all()
+    per_unit = num_matvecs(op.dim, k, num_iters, trace_probes, density_probes)
+    units = ["eigen"] + [f"trace_{i:04d}" for i in range(trace_probes)] + \
+        [f"density_{i:04d}" for i in range(density_probes)]
+    resumed = [u for u in units if u in done]
+    if resumed or adversarial is not None:
+        print(f"hessian: resuming, {len(resumed)}/{len(units)} units already done ({partial.path})")
+    bar = cli_progress_bar(args, sum(per_unit[u.split("_")[0]] for u in units if u not in done),
+                           f"hessian ({config.loss} loss)", "hvp")
+    try:
+        summary, eig, _, density = spectrum_summary(
+            op, key_spectrum, k=k, num_iters=num_iters, trace_probes=trace_probes, density_probes=density_probes,
+            done=done, on_unit=lambda unit, arrays: partial.save(unit, **arrays), progress=bar.update)
+    finally:
+        bar.close()
     summary.update(
         loss_kind=config.loss, loss=op.loss(), reduction=config.reduction, batch_size=config.batch_size,
         num_examples=int(len(op.x_used)), num_batches=op.num_batches, dim=op.dim, parameters=list(op.paths),
         seed=seed, epoch=getattr(loaded_run, "epoch", None), use_ema=bool(cli_arg(args, "use_ema", False)),
         num_hvps=op.num_hvps, seconds_per_hvp=op.hvp_seconds / max(op.num_hvps, 1),
-        seconds=time.perf_counter() - t0)
-    path = os.path.join(out_dir, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=1)
+        seconds=time.perf_counter() - t0, fingerprint=fp, resumed_units=resumed)
     if density is not None:
         plot_density(density, os.path.join(out_dir, f"{name}_density.png"), eig,
                      title=f"Hessian of the {config.loss} loss: lambda_max={eig.max:.4g}")
+    atomic_write_json(path, summary, indent=1)
+    partial.remove()
     print(f"hessian ({config.loss} loss, {op.dim} weights, {len(op.x_used)} examples): lambda_max "
           f"{eig.max:.4g}, lambda_min {eig.min:.4g}" + (f", trace {summary['trace']:.4g}" if "trace" in summary
                                                         else "") + f" -> {path}")
@@ -594,5 +725,5 @@ def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
 __all__ = ["HessianConfig", "HessianOperator", "adversarial_examples", "split_params", "merge_params",
            "flatten_params", "resolve_filter", "kernels_filter", "lanczos", "LanczosResult", "extreme_eigenvalues",
            "EigenResult", "hutchinson_trace", "TraceResult", "spectral_density", "DensityResult",
-           "gaussian_density", "plot_density", "spectrum_summary", "cli_arg", "cli_params", "cli_output_name",
-           "run_cli"]
+           "gaussian_density", "plot_density", "num_matvecs", "spectrum_summary", "cli_arg", "cli_params",
+           "cli_output_name", "cli_settings", "cli_progress_bar", "run_cli"]

@@ -39,10 +39,9 @@ images (D8); ``x`` is always used as one batch, the caller picks it. The PGD at 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +52,9 @@ from robust_flat import hessian as H
 from robust_flat import xla
 from robust_flat.attacks.common import check_inputs, cross_entropy
 from robust_flat.attacks.pgd import PGDConfig, pgd
+from robust_flat.io import atomic_save_figure, atomic_save_npz, atomic_write_json
 from robust_flat.models import bind, make_logits_fn
+from robust_flat.partial import PartialResults, finished_result, fingerprint
 from robust_flat.weights import (LayerSelection, Neighbourhood, WeightAttackConfig, normalize, selection_mask,
                                  weight_attack)
 
@@ -167,17 +168,8 @@ def adversarial_directions(logits_fn, params, model_state, x, y, key, config: La
                            num: Optional[int] = None, scale: Optional[float] = None) -> list:
     """``num`` (default ``config.num_directions``) adversarial directions: weight attacks from independent random
     starts on the CE at adversarial examples computed once by ``config.direction_pgd`` at ``params``."""
-    num = config.num_directions if num is None else num
-    k_pgd, k_dirs = jax.random.split(key)
-    x_adv = pgd(bind(logits_fn, params, model_state), jnp.asarray(x), jnp.asarray(y), k_pgd, config.direction_pgd)
-    attack = WeightAttackConfig(neighbourhood=_neighbourhood(config, "layer", config.adversarial_xi),
-                                lr=config.adversarial_lr, steps=config.adversarial_steps, init="uniform_norm")
-    scale = config.adversarial_scale if scale is None else scale
-    out = []
-    for k in jax.random.split(k_dirs, num):
-        nu, _ = weight_attack(logits_fn, params, model_state, x_adv, jnp.asarray(y), k, attack)
-        out.append(normalize_direction(nu, params, config, scale))
-    return out
+    src = Directions("adversarial", logits_fn, params, model_state, x, y, key, config, num, scale)
+    return [src[i] for i in range(len(src))]
 
 
 def hessian_direction(logits_fn, params, model_state, x, y, key, config: LandscapeConfig = LandscapeConfig(),
@@ -245,10 +237,11 @@ def evaluate_at(logits_fn, params, model_state, x, y, key, direction1=None, a: f
                  zeros if direction2 is None else direction2, a, b, pgd_config)
 
 
-def loss_curve(logits_fn, params, model_state, x, y, direction, key, config: LandscapeConfig = LandscapeConfig()):
+def loss_curve(logits_fn, params, model_state, x, y, direction, key, config: LandscapeConfig = LandscapeConfig(),
+               progress: Optional[Callable[[int], Any]] = None):
     """Metrics at ``params + s * direction`` for ``s`` in ``config.coordinates()``; the same PGD ``key`` at every
     point. Returns ``{"s": [...], "robust_loss": [...], "clean_loss": [...], "robust_error": [...],
-    "clean_error": [...]}``."""
+    "clean_error": [...]}``. ``progress(1)`` is called after every point."""
     x, y = _check(x, y, config.pgd)
     s = config.coordinates()
     zeros = _zeros(params)
@@ -257,60 +250,168 @@ def loss_curve(logits_fn, params, model_state, x, y, direction, key, config: Lan
         vals = _eval(logits_fn, params, model_state, x, y, key, direction, zeros, si, 0.0, config.pgd)
         for m in METRICS:
             out[m].append(vals[m])
+        if progress is not None:
+            progress(1)
     return {"s": s.tolist(), **out}
 
 
 def loss_surface(logits_fn, params, model_state, x, y, direction1, direction2, key,
-                 config: LandscapeConfig = LandscapeConfig()) -> dict:
+                 config: LandscapeConfig = LandscapeConfig(), *, done_rows: Optional[dict] = None,
+                 on_row: Optional[Callable[[int, dict], Any]] = None,
+                 progress: Optional[Callable[[int], Any]] = None) -> dict:
     """Metrics on the ``surface_steps x surface_steps`` grid ``params + a * d1 + b * d2`` (``a`` indexes rows);
-    the same PGD ``key`` at every point."""
+    the same PGD ``key`` at every point.
+
+    Resumption: ``done_rows`` maps finished row indices to ``{metric: row values}`` (not recomputed; the
+    directions may then be lazy, e.g. callables, see below), ``on_row(i, {metric: row values})`` is called after
+    each computed row, ``progress(1)`` after every point. ``direction1``/``direction2`` may be zero-argument
+    callables returning the direction: they are called only if a row has to be computed."""
     x, y = _check(x, y, config.pgd)
     grid = config.coordinates(config.surface_steps)
+    done_rows = done_rows or {}
     out = {m: np.zeros((len(grid), len(grid))) for m in METRICS}
     for i, a in enumerate(grid):
+        if i in done_rows:
+            for m in METRICS:
+                out[m][i] = done_rows[i][m]
+            continue
+        if callable(direction1):
+            direction1 = direction1()
+        if callable(direction2):
+            direction2 = direction2()
         for j, b in enumerate(grid):
             vals = _eval(logits_fn, params, model_state, x, y, key, direction1, direction2, a, b, config.pgd)
             for m in METRICS:
                 out[m][i, j] = vals[m]
+            if progress is not None:
+                progress(1)
+        if on_row is not None:
+            on_row(i, {m: out[m][i].copy() for m in METRICS})
     return {"a": grid.tolist(), "b": grid.tolist(), **{m: v.tolist() for m, v in out.items()}}
+
+
+class Directions:
+    """The ``num`` (default ``config.num_directions``; hessian: 1) directions of ``kind``, computed on first access
+    (``src[i]``) with the same randomness as computing all of them: direction ``i`` of random/adversarial uses the
+    ``i``-th key split from ``key``; the adversarial examples for the adversarial directions are computed once.
+    ``info``: extra results (hessian: ``{"lambda_max": ...}`` once the direction is computed)."""
+
+    def __init__(self, kind: str, logits_fn, params, model_state, x, y, key, config: LandscapeConfig,
+                 num: Optional[int] = None, scale: Optional[float] = None):
+        if kind not in KINDS:
+            raise ValueError(f"unknown direction kind {kind!r}; choose one of {', '.join(KINDS)}")
+        self.kind, self.config, self.params = kind, config, params
+        self._args = (logits_fn, model_state, x, y)
+        self.scale = config.scale(kind) if scale is None else scale
+        num = config.num_directions if num is None else num
+        self.num = 1 if kind == "hessian" else num
+        if kind == "adversarial":
+            self._key_pgd, key = jax.random.split(key)
+        self._key = key
+        self._keys = jax.random.split(key, self.num) if kind != "hessian" else None
+        self._cache, self._x_adv, self.info = {}, None, {}
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.num:
+            raise IndexError(f"direction {i} of {self.num}")
+        if i not in self._cache:
+            self._cache[i] = self._compute(i)
+        return self._cache[i]
+
+    def _compute(self, i):
+        logits_fn, model_state, x, y = self._args
+        params, config = self.params, self.config
+        if self.kind == "random":
+            return random_direction(self._keys[i], params, config, self.scale)
+        if self.kind == "hessian":
+            d, lam = hessian_direction(logits_fn, params, model_state, x, y, self._key, config, scale=self.scale)
+            self.info["lambda_max"] = lam
+            return d
+        if self._x_adv is None:
+            self._x_adv = pgd(bind(logits_fn, params, model_state), jnp.asarray(x), jnp.asarray(y), self._key_pgd,
+                              config.direction_pgd)
+        attack = WeightAttackConfig(neighbourhood=_neighbourhood(config, "layer", config.adversarial_xi),
+                                    lr=config.adversarial_lr, steps=config.adversarial_steps, init="uniform_norm")
+        nu, _ = weight_attack(logits_fn, params, model_state, self._x_adv, jnp.asarray(y), self._keys[i], attack)
+        return normalize_direction(nu, params, config, self.scale)
 
 
 def make_directions(kind: str, logits_fn, params, model_state, x, y, key, config: LandscapeConfig,
                     num: Optional[int] = None) -> tuple[list, dict]:
     """``num`` directions of ``kind`` (random / adversarial / hessian; hessian gives one) and extra info."""
-    num = config.num_directions if num is None else num
-    if kind == "random":
-        return [random_direction(k, params, config) for k in jax.random.split(key, num)], {}
-    if kind == "adversarial":
-        return adversarial_directions(logits_fn, params, model_state, x, y, key, config, num), {}
-    if kind == "hessian":
-        d, lam = hessian_direction(logits_fn, params, model_state, x, y, key, config)
-        return [d], {"lambda_max": lam}
-    raise ValueError(f"unknown direction kind {kind!r}; choose one of {', '.join(KINDS)}")
+    src = Directions(kind, logits_fn, params, model_state, x, y, key, config, num)
+    return [src[i] for i in range(len(src))], src.info
+
+
+def num_points(config: LandscapeConfig, kinds: Sequence[str]) -> dict:
+    """Points (PGD + loss evaluations) per unit of :func:`landscape_1d` (``"unperturbed"``, ``"<kind>_<i>"``: one
+    curve) and per row of :func:`loss_surface` (``"surface_row"``)."""
+    out = {"unperturbed": 1, "surface_row": config.surface_steps}
+    for kind in kinds:
+        for i in range(1 if kind == "hessian" else config.num_directions):
+            out[curve_unit(kind, i)] = config.steps
+    return out
+
+
+def curve_unit(kind: str, i: int) -> str:
+    return f"{kind}_{i:03d}"
 
 
 def landscape_1d(logits_fn, params, model_state, x, y, key, config: LandscapeConfig = LandscapeConfig(),
-                 kinds: Sequence[str] = ("random", "adversarial")) -> dict:
+                 kinds: Sequence[str] = ("random", "adversarial"), *, done: Optional[dict] = None,
+                 on_unit: Optional[Callable[[str, dict], Any]] = None,
+                 progress: Optional[Callable[[int], Any]] = None) -> dict:
     """The paper's 1D visualization: per kind, ``num_directions`` curves and their aggregate (mean for random and
     hessian, pointwise max for adversarial). ``key`` is split into the PGD key (shared by all points) and one key
-    per kind."""
+    per kind.
+
+    Resumption: the units are ``"unperturbed"`` (the metrics at ``params``) and one curve per direction,
+    ``"random_003"`` (:func:`curve_unit`), holding the metrics along the curve, ``"direction_norm"`` and, for the
+    hessian direction, ``"lambda_max"``. ``done`` maps finished unit names to those values (as passed to
+    ``on_unit(name, values)`` after each computed unit); their directions are not even computed, and the result
+    equals an uninterrupted run's. ``progress(1)`` is called after every point (see :func:`num_points`)."""
     x, y = _check(x, y, config.pgd)
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown direction kind {kind!r}; choose one of {', '.join(KINDS)}")
+    done = done or {}
+    save = on_unit or (lambda name, values: None)
     k_pgd, k_dirs = jax.random.split(key)
-    result = {"s": config.coordinates().tolist(), "num_examples": int(x.shape[0]),
-              "unperturbed": evaluate_at(logits_fn, params, model_state, x, y, k_pgd, pgd_config=config.pgd),
+    if "unperturbed" in done:
+        unperturbed = {m: float(done["unperturbed"][m]) for m in METRICS}
+    else:
+        unperturbed = evaluate_at(logits_fn, params, model_state, x, y, k_pgd, pgd_config=config.pgd)
+        save("unperturbed", unperturbed)
+        if progress is not None:
+            progress(1)
+    result = {"s": config.coordinates().tolist(), "num_examples": int(x.shape[0]), "unperturbed": unperturbed,
               "kinds": {}}
     for kind, k in zip(kinds, jax.random.split(k_dirs, len(kinds))):
-        directions, info = make_directions(kind, logits_fn, params, model_state, x, y, k, config)
-        curves = [loss_curve(logits_fn, params, model_state, x, y, d, k_pgd, config) for d in directions]
+        src = Directions(kind, logits_fn, params, model_state, x, y, k, config)
+        curves, info = [], {}
+        for i in range(len(src)):
+            unit = curve_unit(kind, i)
+            if unit in done:
+                c = done[unit]
+            else:
+                c = loss_curve(logits_fn, params, model_state, x, y, src[i], k_pgd, config, progress)
+                c = {m: c[m] for m in METRICS}
+                c["direction_norm"] = global_norm(src[i])
+                if kind == "hessian":
+                    c["lambda_max"] = src.info["lambda_max"]
+                save(unit, c)
+            curves.append({m: [float(v) for v in c[m]] for m in METRICS})
+            info["direction_norms"] = info.get("direction_norms", []) + [float(c["direction_norm"])]
+            if "lambda_max" in c:
+                info["lambda_max"] = float(c["lambda_max"])
         reduce = np.max if kind == "adversarial" else np.mean
         aggregate = {m: reduce(np.asarray([c[m] for c in curves]), axis=0).tolist() for m in METRICS}
         result["kinds"][kind] = {
-            "aggregate": aggregate, "aggregation": "max" if kind == "adversarial" else "mean",
-            "curves": [{m: c[m] for m in METRICS} for c in curves],
-            "direction_norms": [global_norm(d) for d in directions], "scale": config.scale(kind), **info}
+            "aggregate": aggregate, "aggregation": "max" if kind == "adversarial" else "mean", "curves": curves,
+            "direction_norms": info.pop("direction_norms"), "scale": config.scale(kind), **info}
     return result
 
 
@@ -343,8 +444,10 @@ def plot_1d(result: dict, path: str, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_save_figure(path, fig, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def plot_surface(surface: dict, path: str, metric: str = "robust_loss", title: str = "") -> None:
@@ -359,8 +462,10 @@ def plot_surface(surface: dict, path: str, metric: str = "robust_loss", title: s
     ax.set_ylabel(surface.get("label_a", "a (direction 1)"))
     ax.set_title(title or metric)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_save_figure(path, fig, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
@@ -386,6 +491,10 @@ def config_from_args(args) -> LandscapeConfig:
         hessian_iters=int(arg(args, "lanczos_iters", base.hessian_iters)))
 
 
+def _unit_arrays(values: dict) -> dict:
+    return {k: np.asarray(v, np.float64) for k, v in values.items()}
+
+
 def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
     """``experiments/flatness.py --measure landscape``: writes ``NAME.json`` and ``NAME.png`` to ``out_dir`` and,
     with ``args.surface`` (two kinds, e.g. ``"random,random"`` or ``"random,adversarial"``), ``NAME_surface.json``,
@@ -397,46 +506,98 @@ def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
     ``adversarial_scale`` (0.025), ``hessian_scale`` (0.5), ``pgd_steps`` (20), ``eps`` (8/255), ``num_examples``
     (128: the first 128 of ``x``; the driver's default subset is the code's last 100 test images, D8),
     ``surface`` (None), ``surface_steps`` (21), ``adversarial_xi``/``adversarial_lr``/``adversarial_steps``/
-    ``direction_pgd_steps`` (0.005/0.01/7/10), ``lanczos_iters`` (40), ``seed`` (0), ``use_ema`` (False).
+    ``direction_pgd_steps`` (0.005/0.01/7/10), ``lanczos_iters`` (40), ``seed`` (0), ``use_ema`` (False),
+    ``no_progress`` (False), ``fresh`` (False).
+
+    Progress: one bar over all points (each a PGD attack plus two loss evaluations). Resumption: each finished
+    curve (one direction) and each finished row of the surface is saved atomically under
+    ``out_dir/.partial/NAME-<fingerprint>/`` and ``NAME_surface-<fingerprint>/``
+    (:class:`robust_flat.partial.PartialResults`; the fingerprints cover every setting that changes the numbers,
+    the weights and the data; the 1D one does not depend on the surface settings and vice versa) and skipped by a
+    rerun, which gives the same numbers. A finished result with the same fingerprints is returned without
+    recomputation unless ``fresh``.
     """
     arg = H.cli_arg
-    os.makedirs(out_dir, exist_ok=True)
     config = config_from_args(args)
     seed = int(arg(args, "seed", 0))
     n = int(arg(args, "num_examples", 128))
-    x, y = np.asarray(x)[:n], np.asarray(y)[:n]
+    x, y = np.asarray(x, np.float32)[:n], np.asarray(y, np.int32)[:n]
     params = H.cli_params(args, loaded_run)
     name = H.cli_output_name(args, loaded_run, "landscape")
     kinds = arg(args, "directions", "random,adversarial")
     kinds = [k.strip() for k in kinds.split(",")] if isinstance(kinds, str) else list(kinds)
+    surface = arg(args, "surface", None)
+    names = [k.strip() for k in str(surface).split(",")] if surface else None
+    if names is not None and len(names) != 2:
+        raise ValueError(f"surface needs two direction kinds like 'random,random', got {surface!r}")
+    for kind in kinds + (names or []):
+        if kind not in KINDS:
+            raise ValueError(f"unknown direction kind {kind!r}; choose one of {', '.join(KINDS)}")
+    fresh = bool(arg(args, "fresh", False))
+    settings = {"measure": "landscape", "config": dataclasses.asdict(config), "seed": seed,
+                **H.cli_settings(args, loaded_run, params, x, y)}
+    cfg_1d = {k: v for k, v in settings["config"].items() if k != "surface_steps"}
+    fp_1d = fingerprint({**settings, "config": cfg_1d, "directions": kinds})
+    fp_2d = fingerprint({**settings, "config": {k: v for k, v in settings["config"].items()
+                                                if k not in ("steps", "num_directions")}, "surface": names})
+    path = os.path.join(out_dir, f"{name}.json")
+    surf_path = os.path.join(out_dir, f"{name}_surface.json")
+    if not fresh:
+        previous = finished_result(path, fp_1d)
+        if previous is not None and (names is None or finished_result(surf_path, fp_2d) is not None):
+            print(f"{path} is up to date; use --fresh to recompute")
+            return previous
+    part_1d = PartialResults(out_dir, name, fp_1d, fresh=fresh)
+    part_2d = PartialResults(out_dir, f"{name}_surface", fp_2d, fresh=fresh) if names else None
+
+    points = num_points(config, kinds)
+    done = {u: v for u, v in part_1d.load_all().items() if u in points}
+    rows = {}
+    if part_2d is not None:
+        for i in range(config.surface_steps):
+            row = part_2d.load(f"row_{i:03d}")
+            if row is not None and all(row[m].shape == (config.surface_steps,) for m in METRICS):
+                rows[i] = row
+    todo = sum(p for u, p in points.items() if u != "surface_row" and u not in done)
+    if part_2d is not None:
+        todo += points["surface_row"] * (config.surface_steps - len(rows))
+    if done or rows:
+        print(f"landscape: resuming, {len(done)} curves/points and {len(rows)} surface rows already done "
+              f"({part_1d.path})")
     logits_fn = make_logits_fn(loaded_run.model, train=False)
     key_1d, key_2d = jax.random.split(jax.random.PRNGKey(seed))
-    t0 = time.perf_counter()
-    result = landscape_1d(logits_fn, params, loaded_run.model_state, x, y, key_1d, config, kinds)
-    result.update(config=dataclasses.asdict(config), seed=seed, epoch=getattr(loaded_run, "epoch", None),
-                  use_ema=bool(arg(args, "use_ema", False)), seconds=time.perf_counter() - t0)
-    surface = arg(args, "surface", None)
-    if surface:
-        names = [k.strip() for k in str(surface).split(",")]
-        if len(names) != 2:
-            raise ValueError(f"surface needs two direction kinds like 'random,random', got {surface!r}")
-        k_pgd, k1, k2 = jax.random.split(key_2d, 3)
-        d1 = make_directions(names[0], logits_fn, params, loaded_run.model_state, x, y, k1, config, 1)[0][0]
-        d2 = make_directions(names[1], logits_fn, params, loaded_run.model_state, x, y, k2, config, 1)[0][0]
+    bar = H.cli_progress_bar(args, todo, "landscape", "point")
+    try:
         t0 = time.perf_counter()
-        surf = loss_surface(logits_fn, params, loaded_run.model_state, x, y, d1, d2, k_pgd, config)
-        surf.update(label_a=f"a ({names[0]})", label_b=f"b ({names[1]})", seconds=time.perf_counter() - t0)
-        with open(os.path.join(out_dir, f"{name}_surface.json"), "w") as f:
-            json.dump(surf, f)
-        np.savez(os.path.join(out_dir, f"{name}_surface.npz"),
-                 **{k: np.asarray(v) for k, v in surf.items() if k in ("a", "b") + METRICS})
+        result = landscape_1d(logits_fn, params, loaded_run.model_state, x, y, key_1d, config, kinds, done=done,
+                              on_unit=lambda unit, v: part_1d.save(unit, **_unit_arrays(v)), progress=bar.update)
+        result.update(config=dataclasses.asdict(config), seed=seed, epoch=getattr(loaded_run, "epoch", None),
+                      use_ema=bool(arg(args, "use_ema", False)), seconds=time.perf_counter() - t0,
+                      fingerprint=fp_1d, resumed_units=sorted(done))
+        if names is not None:
+            k_pgd, k1, k2 = jax.random.split(key_2d, 3)
+            lazy = [lambda kind=kind, k=k: Directions(kind, logits_fn, params, loaded_run.model_state, x, y, k,
+                                                      config, 1)[0] for kind, k in zip(names, (k1, k2))]
+            t0 = time.perf_counter()
+            surf = loss_surface(logits_fn, params, loaded_run.model_state, x, y, lazy[0], lazy[1], k_pgd, config,
+                                done_rows=rows, progress=bar.update,
+                                on_row=lambda i, row: part_2d.save(f"row_{i:03d}", **_unit_arrays(row)))
+    finally:
+        bar.close()
+    if names is not None:
+        surf.update(label_a=f"a ({names[0]})", label_b=f"b ({names[1]})", seconds=time.perf_counter() - t0,
+                    fingerprint=fp_2d, resumed_rows=sorted(rows))
+        atomic_save_npz(os.path.join(out_dir, f"{name}_surface.npz"),
+                        **{k: np.asarray(v) for k, v in surf.items() if k in ("a", "b") + METRICS})
         plot_surface(surf, os.path.join(out_dir, f"{name}_surface.png"),
                      title=f"robust loss, epoch {result['epoch']}")
-        result["surface"] = {"file": f"{name}_surface.json", "directions": names}
-    path = os.path.join(out_dir, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+        atomic_write_json(surf_path, surf)
+        result["surface"] = {"file": f"{name}_surface.json", "directions": names, "fingerprint": fp_2d}
     plot_1d(result, os.path.join(out_dir, f"{name}.png"), title=f"epoch {result['epoch']}")
+    atomic_write_json(path, result, indent=1, default=str)
+    part_1d.remove()
+    if part_2d is not None:
+        part_2d.remove()
     at_end = {k: r["aggregate"]["robust_loss"][-1] for k, r in result["kinds"].items()}
     print(f"landscape ({len(x)} examples): unperturbed RLoss {result['unperturbed']['robust_loss']:.4f}, at s=+"
           f"{config.span:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in at_end.items()) + f" -> {path}")
@@ -444,5 +605,6 @@ def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
 
 
 __all__ = ["LandscapeConfig", "normalize_direction", "random_direction", "adversarial_directions",
-           "hessian_direction", "global_norm", "evaluate_at", "loss_curve", "loss_surface", "make_directions",
-           "landscape_1d", "plot_1d", "plot_surface", "config_from_args", "run_cli"]
+           "hessian_direction", "global_norm", "evaluate_at", "loss_curve", "loss_surface", "Directions",
+           "make_directions", "num_points", "curve_unit", "landscape_1d", "plot_1d", "plot_surface",
+           "config_from_args", "run_cli"]
