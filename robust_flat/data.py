@@ -373,14 +373,18 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train_batch(x: np.ndarray, y: np.ndarray, seed: int, step: int, batch_size: int) -> dict:
+def train_batch(x: np.ndarray, y: np.ndarray, seed: int, step: int, batch_size: int,
+                rows: Optional[np.ndarray] = None) -> dict:
     """Batch number ``step`` (global step, counting from 0) of the deterministic stream; drops the last partial
-    batch of every epoch so all batches have one shape (one compilation)."""
+    batch of every epoch so all batches have one shape (one compilation). ``rows``: only these positions of the
+    batch (one process's share in multi-host training); default all."""
     per_epoch = len(x) // batch_size
     if per_epoch == 0:
         raise DataError(f"batch size {batch_size} is larger than the training set ({len(x)} examples)")
     epoch, i = divmod(step, per_epoch)
     idx = epoch_permutation(seed, epoch, len(x))[i * batch_size:(i + 1) * batch_size]
+    if rows is not None:
+        idx = idx[rows]
     return {"image": x[idx], "label": y[idx]}
 
 
