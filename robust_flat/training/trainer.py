@@ -10,7 +10,9 @@ A method only supplies ``make_step(config, apply_fn, tx) -> step(state, batch, r
 * snapshots every ``snapshot_every`` epochs; the best epoch by robust test error on the last 500 test images
   (PGD-7, 5 restarts: the paper's early stopping);
 * per-epoch clean and robust loss/error on train and test subsets -> ``RUN/metrics.jsonl``;
-* data parallelism over all local devices with ``jax.sharding`` (batch split on a ``data`` mesh axis).
+* data parallelism over all devices with ``jax.sharding`` (batch split on a ``data`` mesh axis), also across the
+  processes of a multi-host run (:mod:`robust_flat.distributed`): each process gathers only its devices' rows of
+  every batch, process 0 alone writes the log, metrics and config, and orbax writes each checkpoint once.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from robust_flat import data as data_lib
-from robust_flat import models, xla
+from robust_flat import distributed, models, xla
 from robust_flat.attacks.pgd import PGDConfig
 from robust_flat.checkpoint import Checkpointer
 from robust_flat.training import make_step
@@ -64,8 +66,9 @@ def config_to_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def prepare_run_dir(run_dir: str, config) -> None:
-    """Create the run directory and write ``config.json``, or check that an existing one has the same config."""
+def prepare_run_dir(run_dir: str, config, write: bool = True) -> None:
+    """Create the run directory and write ``config.json``, or check that an existing one has the same config.
+    ``write=False`` only checks (the non-primary processes of a multi-host run)."""
     path = os.path.join(run_dir, "config.json")
     new = config_to_dict(config)
     if os.path.exists(path):
@@ -82,7 +85,8 @@ def prepare_run_dir(run_dir: str, config) -> None:
                                 "the same config to resume, or pass a new --run-dir")
         return
     os.makedirs(run_dir, exist_ok=True)
-    _write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+    if write:
+        _write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -164,19 +168,24 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
     """Train (or resume) the run ``run_dir`` with ``config``; returns the final state."""
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "log.txt")
+    primary = jax.process_index() == 0  # multi-host: process 0 alone writes files and prints
+    n_proc = jax.process_count()
 
     def log(msg: str) -> None:
+        if not primary:
+            return
         from tqdm import tqdm
         tqdm.write(msg, file=sys.stdout)
         with open(log_path, "a") as f:
             f.write(msg + "\n")
 
-    prepare_run_dir(run_dir, config)
+    prepare_run_dir(run_dir, config, write=primary)
     x_train, y_train, x_test, y_test = load_data(config, log)
     bs = config.train.batch_size
-    n_dev = jax.local_device_count()
+    n_dev = jax.device_count()
     if bs % n_dev:
-        raise TrainingError(f"batch size {bs} is not divisible by the {n_dev} local devices")
+        raise TrainingError(f"batch size {bs} is not divisible by the {n_dev} devices"
+                            + (f" of the {n_proc} processes" if n_proc > 1 else ""))
     steps_per_epoch = len(x_train) // bs
     if steps_per_epoch == 0:
         raise TrainingError(f"batch size {bs} exceeds the {len(x_train)} training examples")
@@ -185,8 +194,10 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
     apply_fn, logits_fn = models.make_apply_fn(model), models.make_logits_fn(model, train=False)
     step_fn = make_step(config, apply_fn, tx)
 
-    mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+    # all devices of all processes, grouped by process so each process's rows of a batch are contiguous
+    mesh = Mesh(np.asarray(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))), ("data",))
     repl, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    rows = distributed.process_rows(sharded, bs)
 
     def step_with_key(state, batch):
         return step_fn(state, batch, jax.random.fold_in(state.rng, state.step))
@@ -196,19 +207,24 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep_latest=config.checkpoint.keep_latest)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     meta = {"best_robust_error": None, "best_epoch": None}
+    # replicated before the first save or restore: multi-host, orbax then writes each array once (from process 0)
+    # and every process restores the same values; device_get gives device_put host arrays, equal on all processes
+    state = jax.device_put(jax.device_get(state) if n_proc > 1 else state, repl)
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore("latest", target=state)
         meta = dict(meta)
         log(f"RESUME: step {int(state.step)} of {total} (epoch {int(state.step) // steps_per_epoch})")
-        _truncate_metrics(metrics_path, int(state.step) // steps_per_epoch)
+        if primary:
+            _truncate_metrics(metrics_path, int(state.step) // steps_per_epoch)
         running = meta.pop("running", None) or {"sums": {}, "count": 0}
     else:
         log(f"START: {config.method} {config.model.name} {total} steps ({config.train.epochs} epochs x "
-            f"{steps_per_epoch}), batch {bs} on {n_dev} device(s) [{jax.default_backend()}]")
-        _truncate_metrics(metrics_path, 0)
+            f"{steps_per_epoch}), batch {bs} on {n_dev} device(s) [{jax.default_backend()}]"
+            + (f" in {n_proc} processes" if n_proc > 1 else ""))
+        if primary:
+            _truncate_metrics(metrics_path, 0)
         ckpt.save("snapshots", 0, state, {"epoch": 0, "step": 0})
         running = {"sums": {}, "count": 0}
-    state = jax.device_put(state, repl)
 
     es_x, es_y = data_lib.subset(x_test, y_test, "test_last500")
     es_x = es_x.astype(np.float32) / 255.0
@@ -224,7 +240,8 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     step = int(state.step)
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, unit="step", disable=not progress, dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(total=total, initial=step, unit="step", disable=not (progress and primary), dynamic_ncols=True,
+               file=sys.stdout)
     # running means of the step metrics over the current epoch; checkpointed so a resumed epoch reports the same
     sums, count, t_epoch = dict(running["sums"]), int(running["count"]), time.time()
     local = 0  # steps of this epoch run by this process (for images/s)
@@ -235,8 +252,8 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
 
     try:
         while step < total:
-            batch = data_lib.train_batch(x_train, y_train, config.seed, step, bs)
-            batch = jax.device_put(batch, sharded)
+            batch = distributed.global_batch(
+                lambda r: data_lib.train_batch(x_train, y_train, config.seed, step, bs, rows=r), sharded, bs, rows)
             t0 = time.time()
             state, metrics = jstep(state, batch)
             metrics = jax.device_get(metrics)
@@ -277,7 +294,8 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
                     if meta.get("best_robust_error") is None or res["robust_error"] < meta["best_robust_error"]:
                         meta.update(best_robust_error=res["robust_error"], best_epoch=epoch)
                         ckpt.save("best", epoch, state, {"epoch": epoch, "step": step, **res})
-                _append_jsonl(metrics_path, record)
+                if primary:
+                    _append_jsonl(metrics_path, record)
                 if is_snapshot:
                     ckpt.save("snapshots", epoch, state, {"epoch": epoch, "step": step})
                 log(f"epoch {epoch}/{config.train.epochs}: " + ", ".join(
@@ -286,12 +304,16 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
                 sums, count, local, t_epoch = {}, 0, 0, time.time()
             if epoch_end or step % config.checkpoint.every_steps == 0 or step == total:
                 ckpt.save("latest", step, state, checkpoint_meta())
+            if n_proc > 1:  # all processes stop at the same step (a signal may reach only some, or at different steps)
+                from jax.experimental import multihost_utils
+                stop["signum"] = int(np.max(multihost_utils.process_allgather(np.int32(stop["signum"] or 0)))) or None
             if stop["signum"] is not None:
                 raise Interrupted(stop["signum"])
         log(f"DONE: {total} steps; best epoch by early stopping: {meta.get('best_epoch')} "
             f"(robust error {meta.get('best_robust_error')})")
     except Interrupted as e:
-        ckpt.save("latest", step, state, checkpoint_meta())
+        if ckpt.latest_step() != step:  # not yet saved at this step (a signal during a checkpoint step)
+            ckpt.save("latest", step, state, checkpoint_meta())
         log(f"INTERRUPTED by signal {e.signum} at step {step}: saved; rerun the same command to resume")
         bar.close()
         ckpt.close()
