@@ -7,6 +7,11 @@
         --config.train.epochs=5 --config.model.activation=silu   # overrides: --config.<field>=<value>
 
 Rerunning the same command resumes from the newest checkpoint in --run-dir. Ctrl-C saves and exits.
+
+Multi-host data parallel (one process per host or GPU, the same command on each; README "Multi-host"):
+
+    python -m experiments.cifar10_at ... --coordinator HOST0:PORT --num-processes N --process-id I
+    srun python -m experiments.cifar10_at ... --distributed=auto   # SLURM / Open MPI / TPU: detected
 """
 from __future__ import annotations
 
@@ -24,15 +29,31 @@ _RUN_DIR = flags.DEFINE_string("run-dir", None, "Run directory (default: runs/<m
 _DATA_DIR = flags.DEFINE_string("data-dir", None, "Local dataset files (see robust_flat.data); sets "
                                 "config.data.data_dir.")
 _NO_PROGRESS = flags.DEFINE_bool("no-progress", False, "Disable the progress bar.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "off", ["off", "auto"],
+                                 "Multi-host training: 'auto' detects coordinator, process count and id under SLURM, "
+                                 "Open MPI or on a TPU pod (flags below override); 'off' unless --coordinator is "
+                                 "given.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 for multi-host training (the same "
+                                   "on every process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num-processes", None, "Number of processes of a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process-id", None, "This process's id in [0, num-processes).")
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from robust_flat import distributed
     from robust_flat.checkpoint import CheckpointError
     from robust_flat.data import DataError
     from robust_flat.training.trainer import TrainingError, train
 
+    try:  # before anything touches a JAX backend
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               auto=_DISTRIBUTED.value == "auto")
+    except ValueError as e:
+        print(f"error: {e} (flags --coordinator, --num-processes, --process-id, --distributed=auto)",
+              file=sys.stderr)
+        sys.exit(2)
     config = _CONFIG.value
     if _DATA_DIR.value:
         with config.unlocked():
@@ -43,7 +64,10 @@ def main(argv):
     except (DataError, TrainingError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"run directory: {run_dir}")
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"run directory: {run_dir}")
 
 
 if __name__ == "__main__":
