@@ -29,6 +29,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from robust_flat.io import atomic_save_npz
+
 Arrays = Tuple[np.ndarray, np.ndarray]
 
 TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
@@ -101,14 +103,10 @@ def _cache_path(data_dir: str, key: str) -> str:
 
 
 def _save_npz_atomic(path: str, **arrays) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        atomic_save_npz(path, **arrays)
     except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)  # a full disk must not leave a truncated cache behind; the data was decoded anyway
+        pass  # a full disk leaves no truncated cache behind (atomic) and costs nothing: the data was decoded anyway
 
 
 def _load_cached(path: str) -> Optional[Arrays]:

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from robust_flat import data as data_lib
 from robust_flat import distributed, models, xla
+from robust_flat.io import atomic_write_text
 from robust_flat.attacks.pgd import PGDConfig
 from robust_flat.checkpoint import Checkpointer
 from robust_flat.training import make_step
@@ -86,16 +87,7 @@ def prepare_run_dir(run_dir: str, config, write: bool = True) -> None:
         return
     os.makedirs(run_dir, exist_ok=True)
     if write:
-        _write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
 def _truncate_metrics(path: str, completed_epochs: int) -> None:
@@ -111,7 +103,7 @@ def _truncate_metrics(path: str, completed_epochs: int) -> None:
                 keep.append(ln)
         except (json.JSONDecodeError, KeyError):
             pass  # a torn last line from a killed job
-    _write_atomic(path, "".join(keep))
+    atomic_write_text(path, "".join(keep))
 
 
 def _append_jsonl(path: str, record: dict) -> None:
