@@ -250,4 +250,9 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished units are kept under RUN/flatness/.partial/; run the same command again to "
+              "resume", file=sys.stderr)
+        sys.exit(130)
