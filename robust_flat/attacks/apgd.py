@@ -56,7 +56,7 @@ import numpy as np
 from jax import lax
 
 from robust_flat import xla
-from robust_flat.attacks.common import check_inputs, cross_entropy, dlr_loss, jit_attack
+from robust_flat.attacks.common import bucket_size, check_inputs, cross_entropy, dlr_loss, jit_attack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,11 @@ class APGDConfig:
     in the code). ``checkpoint_rule``: ``"code"`` (released code) or ``"paper"`` (see module docstring).
     ``loop``: ``"host"`` (Python loop over compiled chunks of ``unroll`` iterations; fast on CPU), ``"scan"`` (one
     traceable program, ``lax.scan`` with unroll factor ``unroll``) or ``"auto"`` (host on CPU, scan elsewhere).
-    ``unroll`` and ``loop`` affect speed and compile time only, not results.
+    ``shape_buckets`` (host loop only): every run attacks only the points still robust, gathered into the smallest
+    of ``shape_buckets`` sizes ``ceil(B / 2^k)`` that holds them (as the original subsets its batch to the points
+    it still has to attack); at most ``shape_buckets`` compiles per input shape, 1 = always the full batch.
+    ``unroll``, ``loop`` and ``shape_buckets`` affect speed and compile time only, not results (up to float
+    rounding that can differ between batch shapes).
     """
 
     eps: float = 8 / 255
@@ -85,6 +89,7 @@ class APGDConfig:
     checkpoint_rule: str = "code"
     unroll: int = 5
     loop: str = "auto"
+    shape_buckets: int = 4
 
     def __post_init__(self):
         if not self.eps > 0:
@@ -105,6 +110,8 @@ class APGDConfig:
             raise ValueError(f"unknown checkpoint_rule {self.checkpoint_rule!r}; choose code or paper")
         if self.unroll < 1:
             raise ValueError(f"unroll must be >= 1, got {self.unroll}")
+        if self.shape_buckets < 1:
+            raise ValueError(f"shape_buckets must be >= 1, got {self.shape_buckets}")
         if self.loop not in ("auto", "host", "scan"):
             raise ValueError(f"unknown loop {self.loop!r}; choose auto, host or scan")
 
@@ -368,7 +375,7 @@ def _jit_fn(fn: Callable) -> Callable:
 
 def _core(config: APGDConfig) -> APGDConfig:
     """The fields a single iteration depends on (fewer distinct configs, fewer compiles)."""
-    return dataclasses.replace(config, n_iter=1, n_restarts=1, n_target_classes=1, unroll=1)
+    return dataclasses.replace(config, n_iter=1, n_restarts=1, n_target_classes=1, unroll=1, shape_buckets=1)
 
 
 def _start_and_init(logits_fn, x, y, key, y_target, attack_mask, config):
@@ -404,30 +411,50 @@ _init_jit = _jit_fn(_start_and_init)
 _init_from_jit = _jit_fn(_init_carry)
 _chunk_jit = _jit_fn(_chunk)
 _merge_jit = xla.jit(_merge)
+_start_jit = xla.jit(lambda key, x, config: _start(key, x, config.eps, config.norm), static_argnames=("config",))
 
 
 def _apgd_host(logits_fn, x, y, key, config: APGDConfig):
-    """Same result as :func:`_apgd_scan`; runs and chunks of ``unroll`` iterations are driven from Python."""
+    """Same result as :func:`_apgd_scan`; runs and chunks of ``unroll`` iterations are driven from Python, each run
+    on the points still robust only (gathered into a bucket size, see ``APGDConfig.shape_buckets``)."""
     x, y = _prepare(logits_fn, x, y, config)
     core = _core(config)
     robust, order = _clean_jit(logits_fn, x, y, config=core)
     n_classes = order.shape[-1]
     _check_classes(n_classes, config)
     keys = jax.random.split(key, config.n_runs)
-    x_adv, traces_best, traces_loss = x, [], []
+    n = x.shape[0]
+    x_np, y_np = np.asarray(x), np.asarray(y)
+    robust, order = np.asarray(robust), np.asarray(order)
+    x_adv, traces_best, traces_loss = x_np.copy(), [], []
     for run, target_index in enumerate(_run_targets(config)):
-        if not bool(jnp.any(robust)):
-            traces_best.append(jnp.zeros((config.n_iter + 1, x.shape[0]), jnp.float32))
-            traces_loss.append(traces_best[-1])
-            continue
-        y_target = order[:, n_classes - 2 - int(target_index)]
-        carry = _init_jit(logits_fn, x, y, keys[run], y_target, robust, config=core)
-        start_loss = carry["start_loss"][None]
-        carry, best, losses = _iterate_chunks(logits_fn, x, y, y_target, carry, config)
-        robust, x_adv = _merge_jit(robust, x_adv, carry)
-        traces_best.append(jnp.concatenate([start_loss, best]))
-        traces_loss.append(jnp.concatenate([start_loss, losses]))
-    return x_adv, jnp.stack(traces_best), jnp.stack(traces_loss)
+        idx = np.flatnonzero(robust)
+        best_full = np.zeros((config.n_iter + 1, n), np.float32)
+        loss_full = np.zeros((config.n_iter + 1, n), np.float32)
+        if len(idx):
+            y_target = order[:, n_classes - 2 - int(target_index)]
+            # the start points of the whole batch (as the scan version draws them), then the robust rows only
+            x_start = np.asarray(_start_jit(keys[run], x, config=core))
+            size = bucket_size(len(idx), n, config.shape_buckets)
+            if size < n:  # padded with copies of the first robust point, masked out
+                rows, mask = np.concatenate([idx, np.full(size - len(idx), idx[0])]), np.arange(size) < len(idx)
+            else:
+                rows, mask = np.arange(n), robust
+            xs, ys, yts = x_np[rows], y_np[rows], y_target[rows]
+            carry = _init_from_jit(logits_fn, xs, ys, x_start[rows], yts, mask, config=core)
+            start_loss = carry["start_loss"][None]
+            carry, best, losses = _iterate_chunks(logits_fn, xs, ys, yts, carry, config)
+            real = slice(0, len(idx)) if size < n else idx
+            fooled = (mask & ~np.asarray(carry["robust"]))[real]
+            x_adv[idx[fooled]] = np.asarray(carry["x_best_adv"])[real][fooled]
+            robust = robust.copy()
+            robust[idx[fooled]] = False
+            best_full[:, idx] = np.asarray(jnp.concatenate([start_loss, best]))[:, real]
+            loss_full[:, idx] = np.asarray(jnp.concatenate([start_loss, losses]))[:, real]
+        traces_best.append(best_full)
+        traces_loss.append(loss_full)
+    x_adv = jnp.asarray(x_adv)
+    return x_adv, jnp.asarray(np.stack(traces_best)), jnp.asarray(np.stack(traces_loss))
 
 
 def _use_host_loop(config: APGDConfig) -> bool:

@@ -47,7 +47,7 @@ import numpy as np
 
 from robust_flat import xla
 from robust_flat.attacks.apgd import APGDConfig, apgd
-from robust_flat.attacks.common import check_inputs
+from robust_flat.attacks.common import bucket_size, check_inputs
 
 logger = logging.getLogger("robust_flat.autoattack")
 
@@ -253,12 +253,6 @@ class CascadeState:
 
 def _batch_key(key, name: str, first_index: int):
     return jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF), first_index)
-
-
-def bucket_size(n: int, batch_size: int, shape_buckets: int) -> int:
-    """The smallest of the sizes ``ceil(batch_size / 2^k)``, ``k < shape_buckets``, that holds ``n`` points."""
-    sizes = sorted({-(-batch_size // 2 ** k) for k in range(max(shape_buckets, 1))})
-    return next(s for s in sizes if s >= n) if n <= batch_size else batch_size
 
 
 def _pad(a: np.ndarray, size: int) -> np.ndarray:

@@ -33,6 +33,13 @@ def check_inputs(x, eps: float | None = None, name: str = "attack") -> None:
                              "scale images to [0, 1] and normalize inside the model")
 
 
+def bucket_size(n: int, batch_size: int, shape_buckets: int) -> int:
+    """The smallest of the sizes ``ceil(batch_size / 2^k)``, ``k < shape_buckets``, that holds ``n`` points: a
+    subset of a batch padded to one of a few fixed shapes compiles at most ``shape_buckets`` times."""
+    sizes = sorted({-(-batch_size // 2 ** k) for k in range(max(shape_buckets, 1))})
+    return next(s for s in sizes if s >= n) if n <= batch_size else batch_size
+
+
 def jit_attack(fn: Callable) -> Callable:
     """jit ``fn(logits_fn, x, y, key, config)`` (via :func:`robust_flat.xla.jit`) with ``config`` static and checked inputs.
 
