@@ -56,3 +56,19 @@ def test_ynn_convolution_count():
         "}",
     ])
     assert ynn_convolutions(hlo) == {"convolutions": 3, "in_ynnpack": 1}
+
+
+def test_memory_analysis_counts_arguments_outputs_and_donated_buffers():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.memory import memory_of
+
+    x = jax.ShapeDtypeStruct((512, 512), jnp.float32)  # 1 MiB, nothing allocated
+    mib = 1 / 1024
+    plain = memory_of(jax.jit(lambda a: a * 2.0 + 1.0), x)
+    assert plain["argument_gb"] == pytest.approx(mib) and plain["output_gb"] == pytest.approx(mib)
+    assert plain["total_gb"] >= 2 * mib
+    donated = memory_of(jax.jit(lambda a: a * 2.0 + 1.0, donate_argnums=0), x)
+    assert donated["alias_gb"] == pytest.approx(mib)
+    assert donated["total_gb"] == pytest.approx(plain["total_gb"] - mib)
