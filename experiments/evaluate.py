@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", default="test_first1000")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--shape-buckets", type=int, default=4,
-                   help="batch shapes per attack: batch-size/2^k, k < this (fewer: less compiling, more padding)")
+    p.add_argument("--shape-buckets", type=int, default=6,
+                   help="batch shapes per attack: batch-size x 1, 3/4, 1/2, 3/8, ... (fewer: less compiling, more padding)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-iter", type=int, default=100, help="APGD/FAB iterations (100 = AutoAttack's)")
     p.add_argument("--pgd-steps", type=int, default=20)

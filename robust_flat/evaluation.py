@@ -118,7 +118,7 @@ class _Progress:
 
 
 def evaluate(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, batch_size: int = 128,
-             shape_buckets: int = 4, state_path: Optional[str] = None, fp: str = "", progress: bool = True,
+             shape_buckets: int = 6, state_path: Optional[str] = None, fp: str = "", progress: bool = True,
              log: Optional[Callable[[str], None]] = None) -> CascadeState:
     """Run (or resume) the cascade ``comps`` on ``x``/``y``, saving the per-example state to ``state_path`` (JSON)
     after every batch. Returns the finished :class:`CascadeState` (without adversarial images)."""

@@ -101,8 +101,9 @@ def test_no_recompiles_for_changing_robust_counts(setup):
     n_robust = [int(state.clean_correct.sum()), int((state.clean_correct & (state.broken_by != 0)).sum())]
     assert n_robust[0] != n_robust[1] and n_robust[1] % BS != 0  # different, padded sizes ...
     assert TRACES["count"] == 2  # ... but one compile per attack config
-    # with shape buckets (16, 8, 4, 2): remainders are padded to the next bucket, at most 4 compiles per attack
-    assert [bucket_size(n, 16, 4) for n in (16, 9, 8, 5, 3, 1)] == [16, 16, 8, 8, 4, 2]
+    # with shape buckets (16, 12, 8, 6): remainders are padded to the next bucket, at most 4 compiles per attack
+    assert [bucket_size(n, 16, 4) for n in (16, 13, 12, 9, 8, 5, 3, 1)] == [16, 16, 12, 12, 8, 6, 6, 6]
+    assert [bucket_size(n, 128, 6) for n in (128, 97, 96, 65, 47, 33, 24, 1)] == [128, 128, 96, 96, 48, 48, 24, 24]
     TRACES["count"] = 0
     run_cascade(f, x, y, jax.random.key(1), _fake_cascade(), norm="linf", **{**QUIET, "shape_buckets": 4})
     assert TRACES["count"] <= 2 * 4

@@ -70,7 +70,7 @@ class APGDConfig:
     ``loop``: ``"host"`` (Python loop over compiled chunks of ``unroll`` iterations; fast on CPU), ``"scan"`` (one
     traceable program, ``lax.scan`` with unroll factor ``unroll``) or ``"auto"`` (host on CPU, scan elsewhere).
     ``shape_buckets`` (host loop only): every run attacks only the points still robust, gathered into the smallest
-    of ``shape_buckets`` sizes ``ceil(B / 2^k)`` that holds them (as the original subsets its batch to the points
+    of ``shape_buckets`` sizes (B x 1, 3/4, 1/2, 3/8, ...: ``attacks.common.bucket_sizes``) that holds them (as the original subsets its batch to the points
     it still has to attack); at most ``shape_buckets`` compiles per input shape, 1 = always the full batch.
     ``unroll``, ``loop`` and ``shape_buckets`` affect speed and compile time only, not results (up to float
     rounding that can differ between batch shapes).
@@ -89,7 +89,7 @@ class APGDConfig:
     checkpoint_rule: str = "code"
     unroll: int = 5
     loop: str = "auto"
-    shape_buckets: int = 4
+    shape_buckets: int = 6
 
     def __post_init__(self):
         if not self.eps > 0:

@@ -23,7 +23,8 @@ Versions (:data:`VERSIONS`):
 
 Fixed shapes: the cascade gathers the still-robust points of the whole set, cuts them into batches of
 ``batch_size`` and pads the last batch with copies of its first point (their results are discarded) up to the
-smallest of ``shape_buckets`` fixed sizes ``ceil(batch_size / 2^k)`` that holds it. Every component attack therefore
+smallest of ``shape_buckets`` fixed sizes (``batch_size`` x 1, 3/4, 1/2, 3/8, 1/4, ...; ``attacks.common.bucket_sizes``)
+that holds it. Every component attack therefore
 compiles at most ``shape_buckets`` times, whatever the numbers of robust points, and a small remainder does not pay
 for a full batch (with ``shape_buckets=1`` everything runs at ``batch_size``: one compile, more padding). The
 alternative, masking inside full fixed batches, also avoids recompiles but spends the full batch's compute on every
@@ -123,7 +124,8 @@ def component(name: str, config: AutoAttackConfig) -> Component:
     """The named attack with the settings of ``config``. FAB and Square are imported here, on first use."""
     common = dict(eps=config.eps, norm=config.norm)
     if name in ("apgd-ce", "apgd-dlr", "apgd-t"):
-        cfg = APGDConfig(n_iter=config.n_iter, unroll=config.apgd_unroll, **common,
+        # shape_buckets=1: the cascade already gathers the robust points of each stage into bucket sizes
+        cfg = APGDConfig(n_iter=config.n_iter, unroll=config.apgd_unroll, shape_buckets=1, **common,
                          n_restarts=1 if name == "apgd-t" else config.apgd_restarts,
                          loss="ce" if name == "apgd-ce" else "dlr", targeted=name == "apgd-t",
                          n_target_classes=config.n_target_classes)
@@ -262,7 +264,7 @@ def _pad(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def run_cascade(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, batch_size: int = 128,
-                shape_buckets: int = 4, state: Optional[CascadeState] = None, on_batch: Optional[Callable] = None,
+                shape_buckets: int = 6, state: Optional[CascadeState] = None, on_batch: Optional[Callable] = None,
                 log: Optional[Callable[[str], None]] = None) -> CascadeState:
     """Run (or resume) a cascade of attacks on ``x``/``y``; returns the per-example :class:`CascadeState`.
 
@@ -337,7 +339,7 @@ def run_cascade(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, 
 
 
 def autoattack(logits_fn, x, y, key, config: AutoAttackConfig = AutoAttackConfig(), *, batch_size: int = 128,
-               shape_buckets: int = 4, log: Optional[Callable[[str], None]] = None) -> CascadeState:
+               shape_buckets: int = 6, log: Optional[Callable[[str], None]] = None) -> CascadeState:
     """Run AutoAttack on ``x`` (NHWC in [0, 1]) and ``y``; returns the :class:`CascadeState` with ``x_adv``.
 
     ``state.robust`` are the final per-example flags, ``state.accuracy()`` the clean and per-attack robust

@@ -33,11 +33,23 @@ def check_inputs(x, eps: float | None = None, name: str = "attack") -> None:
                              "scale images to [0, 1] and normalize inside the model")
 
 
+def bucket_sizes(batch_size: int, shape_buckets: int) -> list[int]:
+    """The ``shape_buckets`` largest of the sizes ``ceil(batch_size / 2^k)`` and ``ceil(3 batch_size / 2^(k+2))``
+    (two per octave: 128, 96, 64, 48, 32, 24, ... for a batch of 128), ascending."""
+    sizes, k = [], 0
+    while len(sizes) < max(shape_buckets, 1) and 2 ** k <= 4 * batch_size:
+        for s in (-(-batch_size // 2 ** k), -(-3 * batch_size // 2 ** (k + 2))):
+            if s not in sizes and len(sizes) < max(shape_buckets, 1):
+                sizes.append(s)
+        k += 1
+    return sorted(sizes)
+
+
 def bucket_size(n: int, batch_size: int, shape_buckets: int) -> int:
-    """The smallest of the sizes ``ceil(batch_size / 2^k)``, ``k < shape_buckets``, that holds ``n`` points: a
-    subset of a batch padded to one of a few fixed shapes compiles at most ``shape_buckets`` times."""
-    sizes = sorted({-(-batch_size // 2 ** k) for k in range(max(shape_buckets, 1))})
-    return next(s for s in sizes if s >= n) if n <= batch_size else batch_size
+    """The smallest of :func:`bucket_sizes` that holds ``n`` points: a subset of a batch padded to one of a few
+    fixed shapes compiles at most ``shape_buckets`` times and wastes at most a third of its rows on padding (above
+    the smallest size)."""
+    return next(s for s in bucket_sizes(batch_size, shape_buckets) if s >= n) if n <= batch_size else batch_size
 
 
 def jit_attack(fn: Callable) -> Callable:
