@@ -170,22 +170,28 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def _load_image_folder(folder: str, source: str) -> Arrays:
+    """``folder/<class>/*`` with classes in sorted order as labels. An image tree has no canonical example order,
+    and class by class would make every prefix one class (the paper's "first 1000 test images" would all be
+    airplanes): the images are interleaved instead, the i-th file (sorted names) of every class, then the
+    (i+1)-th, so every prefix and suffix is class-balanced. CIFAR-10's own archive keeps its original order."""
     from PIL import Image
 
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not classes:
         raise DataError(f"{folder}: no class folders; expected {folder}/<class>/*.png|jpg")
-    xs, ys = [], []
+    entries = []  # (position within its class, label, file name)
     for label, cls in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(folder, cls)) if f.lower().endswith(IMAGE_EXTENSIONS))
-        for fname in files:
-            path = os.path.join(folder, cls, fname)
-            try:
-                with Image.open(path) as im:
-                    xs.append(np.asarray(im.convert("RGB"), np.uint8))
-            except Exception as e:
-                raise DataError(f"{path}: cannot decode image ({e}); remove or replace the file")
-            ys.append(label)
+        entries += [(i, label, fname) for i, fname in enumerate(files)]
+    xs, ys = [], []
+    for _, label, fname in sorted(entries):
+        path = os.path.join(folder, classes[label], fname)
+        try:
+            with Image.open(path) as im:
+                xs.append(np.asarray(im.convert("RGB"), np.uint8))
+        except Exception as e:
+            raise DataError(f"{path}: cannot decode image ({e}); remove or replace the file")
+        ys.append(label)
     if not xs:
         raise DataError(f"{folder}: class folders contain no {'/'.join(IMAGE_EXTENSIONS)} files")
     shapes = {a.shape for a in xs}
@@ -245,7 +251,7 @@ def _raise(msg):
 
 def _with_cache(path: str, split: str, dataset: str, load) -> Arrays:
     stat = os.stat(path)
-    key = f"{os.path.abspath(path)}|{stat.st_mtime_ns}|{split}|{dataset}|v1"
+    key = f"{os.path.abspath(path)}|{stat.st_mtime_ns}|{split}|{dataset}|v2"  # v2: image trees interleaved
     cache = _cache_path(os.path.dirname(os.path.abspath(path)), key)
     cached = _load_cached(cache)
     if cached is not None:

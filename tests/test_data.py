@@ -55,15 +55,19 @@ def test_image_folder_tree(tmp_path):
 
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
-        for cls in ("airplane", "cat"):
+        for cls, n in (("cat", 2), ("airplane", 3)):
             (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(3):
+            for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
                     tmp_path / split / cls / f"{i:04d}.png")
     x, y = D.load_local(str(tmp_path), "train")
-    assert x.shape == (6, 32, 32, 3)
-    np.testing.assert_array_equal(y, [0, 0, 0, 1, 1, 1])  # classes sorted by name
+    assert x.shape == (5, 32, 32, 3)
+    # labels: classes sorted by name; order: classes interleaved (i-th image of every class, then the next), so
+    # the paper's first-N / last-N subsets of an image tree are not a single class
+    np.testing.assert_array_equal(y, [0, 1, 0, 1, 0])
     img = np.asarray(Image.open(tmp_path / "train" / "cat" / "0001.png"))
+    np.testing.assert_array_equal(x[3], img)
+    img = np.asarray(Image.open(tmp_path / "train" / "airplane" / "0002.png"))
     np.testing.assert_array_equal(x[4], img)
 
 
