@@ -41,7 +41,8 @@ def test_run_directory_layout_and_metrics(reference_run):
     assert int(state.step) == 16  # 256 examples / batch 32 x 2 epochs
     lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["epoch"] for r in lines] == [1, 2]
-    for key in ("train_loss", "test_robust_error", "train_robust_loss", "test_error", "es_robust_error"):
+    for key in ("batch_loss", "batch_error", "train_loss", "test_robust_error", "train_robust_loss", "test_error",
+                "es_robust_error"):
         assert key in lines[0]
     assert json.load(open(os.path.join(run_dir, "config.json")))["method"] == "pgd_at"
     snaps = sorted(os.listdir(os.path.join(run_dir, "checkpoints", "snapshots")))

@@ -260,8 +260,8 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
             count += 1
             local += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(metrics['train_loss']):.3f}",
-                            err=f"{float(metrics['train_error']):.3f}", img_s=f"{bs / (time.time() - t0):.0f}")
+            bar.set_postfix(loss=f"{float(metrics['batch_loss']):.3f}",
+                            err=f"{float(metrics['batch_error']):.3f}", img_s=f"{bs / (time.time() - t0):.0f}")
             if config.debug.sigkill_at_step == step:
                 ckpt.close()
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -276,7 +276,10 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
                     if len(ex):
                         res = evaluate(logits_fn, state.params, state.model_state, ex, ey, key, _eval_attack(config),
                                        config.eval.batch_size)
-                        record.update({f"{name}_{k}": v for k, v in res.items()})
+                        evals = {f"{name}_{k}": v for k, v in res.items()}
+                        if set(evals) & set(sums):  # a step metric must never be overwritten by an evaluation
+                            raise TrainingError(f"metric names collide: {sorted(set(evals) & set(sums))}")
+                        record.update(evals)
                 is_snapshot = epoch % config.checkpoint.snapshot_every == 0 or step == total
                 if is_snapshot and config.eval.early_stopping and len(es_x):
                     res = evaluate(logits_fn, state.params, state.model_state, es_x, es_y, key,

@@ -25,12 +25,6 @@ def apply_gradients(state: TrainState, grads, model_state, tx: optax.GradientTra
                          ema_params=ema)
 
 
-def classification_metrics(logits, labels, prefix: str) -> dict:
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    loss = -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
-    return {f"{prefix}loss": jnp.mean(loss), f"{prefix}error": jnp.mean(jnp.argmax(logits, -1) != labels)}
-
-
 def supervised_update(state: TrainState, x, y, rng, *, apply_fn, tx, ema_decay=None, clip_weights=None):
     """Train-mode forward/backward of the mean cross-entropy on ``(x, y)`` and one :func:`apply_gradients` step.
     Batch-norm statistics are updated by this forward only. Returns ``(state, metrics)``."""
@@ -43,7 +37,9 @@ def supervised_update(state: TrainState, x, y, rng, *, apply_fn, tx, ema_decay=N
 
     (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = apply_gradients(state, grads, new_model_state, tx, ema_decay, clip_weights)
-    metrics = {"train_loss": loss, "train_error": jnp.mean(jnp.argmax(logits, -1) != y),
+    # "batch_*": the training batch as trained on (adversarial for PGD-AT, train-mode BN); the trainer's
+    # per-epoch "train_*"/"test_*" metrics are separate evaluations on fixed subsets
+    metrics = {"batch_loss": loss, "batch_error": jnp.mean(jnp.argmax(logits, -1) != y),
                "grad_norm": optax.tree.norm(grads)}
     return state, metrics
 
