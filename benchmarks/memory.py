@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
-import json
-import os
 import platform
 import time
 
@@ -31,6 +28,7 @@ import numpy as np
 
 from robust_flat import flatness as F
 from robust_flat import hessian, models, xla
+from robust_flat.io import atomic_write_json
 from robust_flat.training import pgd_at
 from robust_flat.training.optim import make_optimizer
 from robust_flat.training.state import create_train_state
@@ -112,11 +110,7 @@ def main(argv=None):
     for name in args.models.split(","):
         print(f"{name} ...", flush=True)
         result["models"][name] = rows_for(name, args.batch_size, args.samples, args.chunk_size)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result, indent=1)  # creates the directory
     print(f"wrote {args.out}")
     return result
 

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 
+from robust_flat.io import atomic_write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,11 +71,7 @@ def main(argv=None):
     result = {"meta": {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "config": args.config, "epochs": args.epochs, "extra": extra, "backend": args.backend,
                        "cpu_count": os.cpu_count(), "load_avg_end": os.getloadavg()}, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result, indent=1)  # creates the directory
     print(f"wrote {args.out}")
     return result
 

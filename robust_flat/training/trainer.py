@@ -22,10 +22,8 @@ import os
 import signal
 import sys
 import time
-from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
