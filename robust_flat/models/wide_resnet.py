@@ -5,33 +5,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from robust_flat.models.layers import Whiten, compute_dtype, conv_init, dense_init, get_activation, make_norm
-
-
-class WideBlock(nn.Module):
-    channels: int
-    stride: int
-    activation: str = "relu"
-    norm: str = "rebn"
-    dropout: float = 0.0
-    dtype: str = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        dt = compute_dtype(self.dtype)
-        act = get_activation(self.activation)
-        out = act(make_norm(self.norm, "norm1", self.dtype)(x, train))
-        shortcut = x
-        if self.stride != 1 or x.shape[-1] != self.channels:
-            shortcut = nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=False,
-                               kernel_init=conv_init, dtype=dt, name="shortcut_conv")(out)
-        out = nn.Conv(self.channels, (3, 3), (self.stride, self.stride), padding=1, use_bias=False,
-                      kernel_init=conv_init, dtype=dt, name="conv1")(out)
-        out = act(make_norm(self.norm, "norm2", self.dtype)(out, train))
-        if self.dropout > 0:
-            out = nn.Dropout(self.dropout, deterministic=not train)(out)
-        out = nn.Conv(self.channels, (3, 3), padding=1, use_bias=False, kernel_init=conv_init, dtype=dt,
-                      name="conv2")(out)
-        return out + shortcut
+from robust_flat.models.preact_resnet import PreActBlock  # the same pre-activation basic block
 
 
 class WideResNet(nn.Module):
@@ -57,7 +31,7 @@ class WideResNet(nn.Module):
         for i, width in enumerate(widths):
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                x = WideBlock(width, stride, self.activation, self.norm, self.dropout, self.dtype,
+                x = PreActBlock(width, stride, self.activation, self.norm, self.dropout, self.dtype,
                               name=f"stage{i + 1}_block{j}")(x, train)
         x = get_activation(self.activation)(make_norm(self.norm, "norm_final", self.dtype)(x, train))
         x = jnp.mean(x, axis=(1, 2))
