@@ -70,8 +70,9 @@ class APGDConfig:
     ``loop``: ``"host"`` (Python loop over compiled chunks of ``unroll`` iterations; fast on CPU), ``"scan"`` (one
     traceable program, ``lax.scan`` with unroll factor ``unroll``) or ``"auto"`` (host on CPU, scan elsewhere).
     ``shape_buckets`` (host loop only): every run attacks only the points still robust, gathered into the smallest
-    of ``shape_buckets`` sizes (B x 1, 3/4, 1/2, 3/8, ...: ``attacks.common.bucket_sizes``) that holds them (as the original subsets its batch to the points
-    it still has to attack); at most ``shape_buckets`` compiles per input shape, 1 = always the full batch.
+    of ``shape_buckets`` sizes (B x 1, 3/4, 1/2, 3/8, ...: ``attacks.common.bucket_sizes``) that holds them, as
+    the original subsets its batch to the points it still has to attack; at most ``shape_buckets`` compiles per
+    input shape, 1 = always the full batch.
     ``unroll``, ``loop`` and ``shape_buckets`` affect speed and compile time only, not results (up to float
     rounding that can differ between batch shapes).
     """
@@ -378,10 +379,6 @@ def _core(config: APGDConfig) -> APGDConfig:
     return dataclasses.replace(config, n_iter=1, n_restarts=1, n_target_classes=1, unroll=1, shape_buckets=1)
 
 
-def _start_and_init(logits_fn, x, y, key, y_target, attack_mask, config):
-    return _init_carry(logits_fn, x, y, _start(key, x, config.eps, config.norm), y_target, attack_mask, config)
-
-
 def _iterate_chunks(logits_fn, x, y, y_target, carry, config: APGDConfig):
     """All ``n_iter`` iterations from ``carry``, as compiled chunks of ``unroll``; returns carry and traces."""
     consts = _iteration_constants(config)
@@ -401,16 +398,9 @@ def _single_run_host(logits_fn, x, y, x_start, y_target, attack_mask, config: AP
     return _result(carry, attack_mask, best, losses)
 
 
-def _merge(robust, x_adv, carry):
-    fooled = robust & ~carry["robust"]
-    return robust & ~fooled, _select(fooled, carry["x_best_adv"], x_adv)
-
-
 _clean_jit = _jit_fn(lambda logits_fn, x, y, config: _clean(logits_fn, x, y))
-_init_jit = _jit_fn(_start_and_init)
 _init_from_jit = _jit_fn(_init_carry)
 _chunk_jit = _jit_fn(_chunk)
-_merge_jit = xla.jit(_merge)
 _start_jit = xla.jit(lambda key, x, config: _start(key, x, config.eps, config.norm), static_argnames=("config",))
 
 
