@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from typing import Callable, Optional
 
@@ -170,4 +171,9 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished batches are kept in RUN/evaluations/*.examples.json; run the same command "
+              "again to resume", file=sys.stderr)
+        sys.exit(130)
