@@ -48,7 +48,6 @@ checkpoint, so no loss history is kept.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +55,8 @@ import numpy as np
 from jax import lax
 
 from robust_flat import xla
-from robust_flat.attacks.common import bucket_size, check_inputs, cross_entropy, dlr_loss, jit_attack
+from robust_flat.attacks.common import (bucket_size, check_inputs, cross_entropy, dlr_loss, jit_attack,
+                                       jit_logits_fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,17 +361,6 @@ def _apgd_scan(logits_fn, x, y, key, config: APGDConfig):
 
 
 # --------------------------------------------------------------------------- host loop over compiled chunks
-def _jit_fn(fn: Callable) -> Callable:
-    """jit ``fn(logits_fn, *args, config=...)``: ``config`` static, ``logits_fn`` traced if it is a ``Partial``."""
-    traced = xla.jit(fn, static_argnames=("config",))
-    static = xla.jit(fn, static_argnames=("logits_fn", "config"))
-
-    def call(logits_fn, *args, config):
-        if isinstance(logits_fn, jax.tree_util.Partial):
-            return traced(logits_fn, *args, config=config)
-        return static(logits_fn, *args, config=config)
-
-    return call
 
 
 def _core(config: APGDConfig) -> APGDConfig:
@@ -398,9 +387,9 @@ def _single_run_host(logits_fn, x, y, x_start, y_target, attack_mask, config: AP
     return _result(carry, attack_mask, best, losses)
 
 
-_clean_jit = _jit_fn(lambda logits_fn, x, y, config: _clean(logits_fn, x, y))
-_init_from_jit = _jit_fn(_init_carry)
-_chunk_jit = _jit_fn(_chunk)
+_clean_jit = jit_logits_fn(lambda logits_fn, x, y, config: _clean(logits_fn, x, y))
+_init_from_jit = jit_logits_fn(_init_carry)
+_chunk_jit = jit_logits_fn(_chunk)
 _start_jit = xla.jit(lambda key, x, config: _start(key, x, config.eps, config.norm), static_argnames=("config",))
 
 

@@ -52,20 +52,27 @@ def bucket_size(n: int, batch_size: int, shape_buckets: int) -> int:
     return next(s for s in bucket_sizes(batch_size, shape_buckets) if s >= n) if n <= batch_size else batch_size
 
 
-def jit_attack(fn: Callable) -> Callable:
-    """jit ``fn(logits_fn, x, y, key, config)`` (via :func:`robust_flat.xla.jit`) with ``config`` static and checked inputs.
-
-    ``logits_fn`` is traced when it is a ``jax.tree_util.Partial`` and static otherwise.
-    """
-    dynamic = xla.jit(fn, static_argnames=("config",))
+def jit_logits_fn(fn: Callable) -> Callable:
+    """jit ``fn(logits_fn, *args, config=...)`` (via :func:`robust_flat.xla.jit`) with ``config`` static;
+    ``logits_fn`` is traced when it is a ``jax.tree_util.Partial`` (new weights: no recompile) and static otherwise."""
+    traced = xla.jit(fn, static_argnames=("config",))
     static = xla.jit(fn, static_argnames=("logits_fn", "config"))
+
+    def call(logits_fn, *args, config):
+        jitted = traced if isinstance(logits_fn, jax.tree_util.Partial) else static
+        return jitted(logits_fn, *args, config=config)
+
+    return call
+
+
+def jit_attack(fn: Callable) -> Callable:
+    """:func:`jit_logits_fn` for ``fn(logits_fn, x, y, key, config)``, with the inputs checked first."""
+    jitted = jit_logits_fn(fn)
 
     @functools.wraps(fn)
     def wrapper(logits_fn, x, y, key, config):
         check_inputs(x, getattr(config, "eps", None), fn.__name__)
-        if isinstance(logits_fn, jax.tree_util.Partial):
-            return dynamic(logits_fn, x, y, key, config=config)
-        return static(logits_fn, x, y, key, config=config)
+        return jitted(logits_fn, x, y, key, config=config)
 
     wrapper.raw = fn  # the un-jitted function, for use inside other traced code
     return wrapper

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from robust_flat import xla
-from robust_flat.attacks.common import check_inputs, jit_attack
+from robust_flat.attacks.common import check_inputs, jit_attack, jit_logits_fn
 
 _NORMS = ("linf", "l2")
 _NOT_FOUND = 1e10  # the original's "no adversarial example yet" distance
@@ -306,17 +306,6 @@ def _fab(logits_fn, x, y, key, config: FABConfig):
 
 
 # ------------------------------------------------------------------------- host loop over compiled chunks
-def _jit_fn(fn):
-    """jit ``fn(logits_fn, *args, config=...)``: ``config`` static, ``logits_fn`` traced if it is a ``Partial``."""
-    traced = xla.jit(fn, static_argnames=("config",))
-    static = xla.jit(fn, static_argnames=("logits_fn", "config"))
-
-    def call(logits_fn, *args, config):
-        if isinstance(logits_fn, jax.tree_util.Partial):
-            return traced(logits_fn, *args, config=config)
-        return static(logits_fn, *args, config=config)
-
-    return call
 
 
 def _chunk(logits_fn, x, y, target, carry, config: FABConfig):
@@ -325,9 +314,9 @@ def _chunk(logits_fn, x, y, target, carry, config: FABConfig):
     return carry
 
 
-_clean_jit = _jit_fn(lambda logits_fn, x, y, config: _clean(logits_fn, x, y))
-_chunk_jit = _jit_fn(_chunk)
-_merge_jit = _jit_fn(_merge)
+_clean_jit = jit_logits_fn(lambda logits_fn, x, y, config: _clean(logits_fn, x, y))
+_chunk_jit = jit_logits_fn(_chunk)
+_merge_jit = jit_logits_fn(_merge)
 _start_jit = xla.jit(lambda key, run, x, config: _init_carry(x, _run_start(key, run, x, config)),
                      static_argnames=("config",))
 

@@ -9,14 +9,13 @@ per-example worst case (highest loss) is kept. Loops are unrolled by default: on
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Union
+from typing import Callable, Union
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from robust_flat.attacks.common import (check_inputs, get_loss, init_delta, jit_attack, normalize_gradient,
-                                        project)
+from robust_flat.attacks.common import get_loss, init_delta, jit_attack, normalize_gradient, project
 
 
 @dataclasses.dataclass(frozen=True)
