@@ -21,7 +21,10 @@ Rows (batch B of random images in [0, 1], float32, see benchmarks/README.md):
   ``hessian.HessianOperator.matvec``, forward-over-reverse; PyTorch: double backprop with ``create_graph``).
 
 Variants of a row are timed interleaved in one process (JAX, PyTorch, [JAX with the XLA:CPU switch off], JAX,
-PyTorch, ...) after untimed warm-up calls. PyTorch uses channels_last, frozen parameters and eval mode during
+PyTorch, ...) after untimed warm-up calls (``--light-warmup``: APGD and flatness warm up on 10 iterations / 1 weight
+sample, which compile the same programs; for ResNet-18 on a CPU). Every row records the XLA compiles of its warm-up
+and of its timed calls (``xla_compiles_timed``: 0 when nothing recompiles). PyTorch uses channels_last, frozen
+parameters and eval mode during
 attacks, ``no_grad`` for forward-only parts. Timing assertions never belong in tests; this script only reports.
 """
 from __future__ import annotations
@@ -156,6 +159,25 @@ class Variant:
     first_call_s: Optional[float] = None
     times: list = dataclasses.field(default_factory=list)
     info: dict = dataclasses.field(default_factory=dict)
+    # A cheaper call that compiles everything ``call`` needs (same shapes, fewer iterations or samples); used as the
+    # warm-up with ``--light-warmup``, for rows that take tens of minutes per call on a CPU.
+    warm: Optional[Callable[[], Any]] = None
+
+
+class CompileLog:
+    """Counts XLA backend compiles and their seconds (JAX's monitoring event), so every row can report the compile
+    time of its warm-up and prove that its timed calls compiled nothing."""
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+
+    def __call__(self, event, duration_secs, **kwargs):
+        from jax._src.dispatch import BACKEND_COMPILE_EVENT
+        if event == BACKEND_COMPILE_EVENT:
+            self.count, self.seconds = self.count + 1, self.seconds + duration_secs
+
+    def snapshot(self) -> tuple[int, float]:
+        return self.count, self.seconds
 
 
 def _timed(fn) -> float:
@@ -449,17 +471,23 @@ def row_apgd_ce(s: Setup, with_torch: bool, switch_off: bool) -> list[Variant]:
     from robust_flat.attacks.apgd import APGDConfig, apgd
 
     x, y, key, cfg = jax.numpy.asarray(s.x), jax.numpy.asarray(s.y_pred), jax.random.key(0), APGDConfig()
-    variants = [Variant("jax", lambda: _block(apgd(s.f, x, y, key, cfg)), compile_method="first call - median")]
+    # light warm-up: 10 iterations run the same compiled chunks (the host loop compiles per chunk length, not per
+    # n_iter) on the same batch
+    light = dataclasses.replace(cfg, n_iter=2 * cfg.unroll)
+    variants = [Variant("jax", lambda: _block(apgd(s.f, x, y, key, cfg)), compile_method="first call - median",
+                        warm=lambda: _block(apgd(s.f, x, y, key, light)))]
     if with_torch:
-        import torch
         from pyautoattack.autopgd_base import APGDAttack
-        attack = APGDAttack(s.net, n_iter=100, norm="Linf", n_restarts=1, eps=EPS, seed=0, loss="ce", eot_iter=1,
-                            rho=0.75, device="cpu")
 
-        def torch_call():
-            with frozen(s.net):
-                return attack.perturb(s.tx, s.ty_pred)
-        variants.append(Variant("torch", torch_call))
+        def make(n_iter):
+            attack = APGDAttack(s.net, n_iter=n_iter, norm="Linf", n_restarts=1, eps=EPS, seed=0, loss="ce",
+                                eot_iter=1, rho=0.75, device="cpu")
+
+            def torch_call():
+                with frozen(s.net):
+                    return attack.perturb(s.tx, s.ty_pred)
+            return torch_call
+        variants.append(Variant("torch", make(100), warm=make(light.n_iter)))
     return variants
 
 
@@ -472,14 +500,18 @@ def row_flatness_avg(s: Setup, with_torch: bool, switch_off: bool) -> list[Varia
                                      distribution="sphere", batch_size=s.batch_size)
     zero_ref = np.zeros(s.batch_size)  # the reference (PGD-20 x 10 restarts) is not part of this row
 
-    def jax_call():
-        return flatness.average_case(s.logits_fn, s.params, s.model_state, s.x, s.y, jax.random.key(0), cfg,
+    def jax_call(config=cfg):
+        return flatness.average_case(s.logits_fn, s.params, s.model_state, s.x, s.y, jax.random.key(0), config,
                                      reference=zero_ref).perturbed
-    variants = [Variant("jax", jax_call, compile_method="first call - median")]
+    # light warm-up: one weight sample runs the same compiled per-sample unit (CPU strategy "loop")
+    light = dataclasses.replace(cfg, samples=1)
+    variants = [Variant("jax", jax_call, compile_method="first call - median",
+                        warm=functools.partial(jax_call, light))]
     if with_torch:
         import torch
         gen = torch.Generator().manual_seed(0)
-        variants.append(Variant("torch", lambda: torch_flatness(s.net, s.tx, s.ty, gen)))
+        variants.append(Variant("torch", lambda: torch_flatness(s.net, s.tx, s.ty, gen),
+                                warm=lambda: torch_flatness(s.net, s.tx, s.ty, gen, samples=1)))
     return variants
 
 
@@ -519,19 +551,36 @@ ROW_BUILDERS = {"pgd_step": row_pgd_step, "train_step": row_train_step, "apgd_ce
 
 # ------------------------------------------------------------------------------------------------ driver
 def run_row(s: Setup, row: str, repeats: int, warmup: int, with_torch: bool, switch_off: bool, peak: float,
-            log) -> dict:
+            log, light_warmup: bool = False, compiles: Optional[CompileLog] = None) -> dict:
     load_before = os.getloadavg()[0]
+    if compiles is None:  # called on its own: listen for this row only
+        from jax import monitoring
+        compiles = CompileLog()
+        monitoring.register_event_duration_secs_listener(compiles)
+        try:
+            return run_row(s, row, repeats, warmup, with_torch, switch_off, peak, log, light_warmup, compiles)
+        finally:
+            monitoring.unregister_event_duration_listener(compiles)
     variants = ROW_BUILDERS[row](s, with_torch, switch_off)
+    light = {v.name: light_warmup and v.warm is not None for v in variants}
+    warm_compiles, timed_compiles = {}, {v.name: 0 for v in variants}
     for v in variants:  # untimed warm-up (the first JAX call includes compilation where not done above)
+        c0 = compiles.snapshot()
         for i in range(warmup):
-            t = _timed(v.call)
+            t = _timed(v.warm if light[v.name] else v.call)
             if i == 0:
                 v.first_call_s = t
             gc.collect()
+        c1 = compiles.snapshot()
+        warm_compiles[v.name] = (c1[0] - c0[0], c1[1] - c0[1])
+        if light[v.name]:
+            log(f"  {s.name} {row} {v.name} light warm-up: {v.first_call_s:.3f} s")
     for r in range(repeats):
         for v in variants:
             time.sleep(0.2)  # let the other framework's worker threads go idle
+            c0 = compiles.snapshot()[0]
             v.times.append(_timed(v.call))
+            timed_compiles[v.name] += compiles.snapshot()[0] - c0
             log(f"  {s.name} {row} {v.name} repeat {r + 1}/{repeats}: {v.times[-1]:.3f} s")
         gc.collect()
     work_gflop = WORK_F[row] * 2 * s.macs * s.batch_size / 1e9
@@ -539,16 +588,21 @@ def run_row(s: Setup, row: str, repeats: int, warmup: int, with_torch: bool, swi
     for v in variants:
         med = float(np.median(v.times))
         compile_s = v.compile_s if v.compile_s is None or v.lower_s is None else v.lower_s + v.compile_s
-        if v.compile_method == "first call - median" and v.first_call_s is not None:
+        method = v.compile_method
+        if light[v.name] and v.name != "torch":  # the warm-up did less work: time XLA's compiles instead
+            compile_s, method = warm_compiles[v.name][1], "XLA compile events in the light warm-up"
+        elif method == "first call - median" and v.first_call_s is not None:
             compile_s = max(v.first_call_s - med, 0.0)
         out_variants[v.name] = {
             "n": len(v.times), "times_s": [float(t) for t in v.times], "median_s": med,
             "min_s": float(min(v.times)), "max_s": float(max(v.times)),
             "images_per_s": s.batch_size / med, "gflops": work_gflop / med,
             "pct_peak": 100.0 * work_gflop / med / peak,
-            "first_call_s": v.first_call_s, "lower_s": v.lower_s,
+            "first_call_s": v.first_call_s, "light_warmup": light[v.name], "lower_s": v.lower_s,
             "compile_s": compile_s if v.name != "torch" else None,
-            "compile_method": v.compile_method if v.name != "torch" else None, **v.info}
+            "compile_method": method if v.name != "torch" else None,
+            "xla_compiles_warmup": warm_compiles[v.name][0], "xla_compile_s_warmup": warm_compiles[v.name][1],
+            "xla_compiles_timed": timed_compiles[v.name], **v.info}
     result = {"model": s.name, "row": row, "batch_size": s.batch_size, "work_F_per_image": WORK_F[row],
               "gflop_per_call": work_gflop, "variants": out_variants, "load_avg_1min_before": load_before,
               "load_avg_1min_after": os.getloadavg()[0], "process_peak_rss_mb": peak_rss_mb()}
@@ -622,6 +676,10 @@ def main(argv=None):
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeats", default="5", help="N, or per model: small_cnn=5,resnet18=2")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before timing (>= 1)")
+    ap.add_argument("--light-warmup", action="store_true",
+                    help="warm up the APGD and flatness rows with a cheaper call that compiles the same programs "
+                         "(10 APGD iterations, 1 weight sample) instead of a full call; the compile time is then "
+                         "read from XLA's compile events. For ResNet-18 on a CPU, where one call takes 10-25 min")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--out", default="benchmarks/results/latest.json")
     ap.add_argument("--no-torch", action="store_true", help="JAX variants only")
@@ -665,6 +723,7 @@ def main(argv=None):
             "jaxlib": jaxlib.__version__, "flax": flax.__version__, "jax_backend": jax.default_backend(),
             "fast_cpu_conv": xla.fast_cpu_conv_enabled(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "load_avg_start": os.getloadavg(), "batch_size": args.batch_size, "warmup": args.warmup,
+            "light_warmup": args.light_warmup,
             "repeats": repeats, "work_F_per_image": WORK_F, "argv": sys.argv[1:] if argv is None else list(argv)}
     if with_torch:
         import torch
@@ -678,6 +737,9 @@ def main(argv=None):
     meta["matmul_peak"] = {"start": mm_start, "used_for_pct_peak_gflops": peak}
     log(f"  {peak:.1f} GFLOP/s")
 
+    from jax import monitoring
+    compiles = CompileLog()
+    monitoring.register_event_duration_secs_listener(compiles)
     result = {"meta": meta, "rows": []}
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
@@ -712,7 +774,8 @@ def main(argv=None):
                                                "twin_max_logit_diff": s.twin_check}
         for row in todo:
             log(f"row {name} {row} ...")
-            res = run_row(s, row, repeats[name], args.warmup, with_torch, _matches(switch_off, name, row), peak, log)
+            res = run_row(s, row, repeats[name], args.warmup, with_torch, _matches(switch_off, name, row), peak, log,
+                          light_warmup=args.light_warmup, compiles=compiles)
             res["run_date_utc"], res["matmul_peak_gflops"] = meta["date_utc"], peak
             result["rows"].append(res)
             save()

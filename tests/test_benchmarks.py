@@ -12,8 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_run_writes_valid_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "benchmarks.run", "--rows", "pgd_step", "--models", "small_cnn", "--repeats", "1",
-           "--batch-size", "8", "--no-torch", "--matmul-size", "256", "--matmul-repeats", "1", "--out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.run", "--rows", "pgd_step,apgd_ce", "--models", "small_cnn",
+           "--repeats", "1", "--batch-size", "8", "--no-torch", "--matmul-size", "256", "--matmul-repeats", "1",
+           "--light-warmup", "--switch-off", "small_cnn:pgd_step", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -22,7 +23,7 @@ def test_run_writes_valid_json(tmp_path):
     assert meta["batch_size"] == 8 and meta["matmul_peak"]["start"]["n"] == 256
     # analytic MACs of the small CNN (conv 32-32-pool-64-64-pool, dense 4096-128-10), as in the CPU notes
     assert meta["models"]["small_cnn"]["forward_gmac_per_image"] == pytest.approx(0.025003264)
-    (row,) = result["rows"]
+    row, apgd_row = result["rows"]
     assert (row["model"], row["row"], row["batch_size"]) == ("small_cnn", "pgd_step", 8)
     assert set(row["variants"]) == {"jax", "jax_switch_off"}  # the default switch-off variant; no torch
     for v in row["variants"].values():
@@ -37,6 +38,13 @@ def test_run_writes_valid_json(tmp_path):
     assert off["convolutions"] > 0 and off["in_ynnpack"] == off["convolutions"]
     assert on["in_ynnpack"] < on["convolutions"]
     assert "jax_over_torch" not in row and row["switch_off_over_on"] > 0
+    # no timed call compiles anything; the light APGD warm-up (10 iterations) compiled every program the timed
+    # 100-iteration call runs, and its compile time comes from XLA's compile events
+    for v in list(row["variants"].values()) + list(apgd_row["variants"].values()):
+        assert v["xla_compiles_timed"] == 0
+    (v,) = apgd_row["variants"].values()
+    assert apgd_row["row"] == "apgd_ce" and v["light_warmup"] and v["xla_compiles_warmup"] > 0
+    assert v["compile_s"] == v["xla_compile_s_warmup"] > 0
 
 
 def test_ynn_convolution_count():

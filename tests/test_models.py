@@ -123,3 +123,44 @@ def test_unknown_compute_dtype_is_a_clear_error():
     model = M.create_model("small_cnn", dtype="float8")
     with pytest.raises(ValueError, match="compute dtype"):
         M.init_model(model, jax.random.PRNGKey(0))
+
+
+def _pool_reference(x):
+    """2x2 max-pool and its gradient routed to the first maximum of each window (row-major), in numpy loops."""
+    n, h, w, c = x.shape
+    out, route = np.zeros((n, h // 2, w // 2, c)), np.zeros((n, h // 2, w // 2, c, 2), int)
+    for b, i, j, k in np.ndindex(n, h // 2, w // 2, c):
+        win = [(x[b, 2 * i + di, 2 * j + dj, k], di, dj) for di in (0, 1) for dj in (0, 1)]
+        best = max(v for v, _, _ in win)
+        _, di, dj = next(t for t in win if t[0] == best)  # first maximum
+        out[b, i, j, k], route[b, i, j, k] = best, (2 * i + di, 2 * j + dj)
+    return out, route
+
+
+def test_max_pool_values_and_first_maximum_gradient_with_ties():
+    from robust_flat.models.layers import max_pool_2x2
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=(2, 6, 8, 3))).astype(np.float32)  # integers: many tied windows
+    g = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
+    out, route = _pool_reference(x)
+    assert (np.sum(x.reshape(2, 3, 2, 4, 2, 3) == out[:, :, None, :, None].astype(np.float32), axis=(2, 4)) > 1).any()
+    np.testing.assert_array_equal(max_pool_2x2(jnp.asarray(x)), out)
+    grad = np.asarray(jax.vjp(max_pool_2x2, jnp.asarray(x))[1](jnp.asarray(g))[0])
+    expected = np.zeros_like(x)
+    for b, i, j, k in np.ndindex(*g.shape):
+        r, s = route[b, i, j, k]
+        expected[b, r, s, k] += g[b, i, j, k]
+    np.testing.assert_array_equal(grad, expected)  # every window's gradient once, at its first maximum
+    with pytest.raises(ValueError, match="even spatial"):
+        max_pool_2x2(jnp.zeros((1, 5, 4, 1)))
+
+
+def test_max_pool_forward_mode_and_hvp_match_plain_autodiff_without_ties():
+    from robust_flat.models.layers import max_pool_2x2
+    plain = lambda x: x.reshape(x.shape[0], x.shape[1] // 2, 2, x.shape[2] // 2, 2, x.shape[3]).max(axis=(2, 4))
+    x = jax.random.normal(jax.random.key(0), (2, 4, 6, 3))
+    v = jax.random.normal(jax.random.key(1), x.shape)
+    np.testing.assert_array_equal(jax.jvp(max_pool_2x2, (x,), (v,))[1], jax.jvp(plain, (x,), (v,))[1])
+    loss = lambda pool: (lambda z: jnp.sum(jnp.sin(pool(z)) ** 2))
+    hvp = lambda pool: jax.jvp(jax.grad(loss(pool)), (x,), (v,))[1]
+    np.testing.assert_allclose(hvp(max_pool_2x2), hvp(plain), rtol=1e-6, atol=1e-6)

@@ -296,11 +296,12 @@ def single_run_scan(logits_fn, x, y, x_start, y_target, attack_mask, config: APG
     return _result(carry, attack_mask, trace_best, trace_loss)
 
 
-def _result(carry, attack_mask, trace_best, trace_loss) -> dict:
-    start = carry["start_loss"][None]
+def _result(carry, attack_mask, trace_best, trace_loss, xp=jnp) -> dict:
+    """``xp=np`` on the host path: the traces are joined in numpy, so no eager op compiles per ``n_iter``."""
+    start = xp.asarray(carry["start_loss"])[None]
     return dict(fooled=attack_mask & ~carry["robust"], x_best_adv=carry["x_best_adv"], x_best=carry["x_best"],
-                loss_best=carry["loss_best"], trace_best=jnp.concatenate([start, trace_best]),
-                trace_loss=jnp.concatenate([start, trace_loss]))
+                loss_best=carry["loss_best"], trace_best=xp.concatenate([start, trace_best]),
+                trace_loss=xp.concatenate([start, trace_loss]))
 
 
 def _prepare(logits_fn, x, y, config: APGDConfig):
@@ -369,7 +370,8 @@ def _core(config: APGDConfig) -> APGDConfig:
 
 
 def _iterate_chunks(logits_fn, x, y, y_target, carry, config: APGDConfig):
-    """All ``n_iter`` iterations from ``carry``, as compiled chunks of ``unroll``; returns carry and traces."""
+    """All ``n_iter`` iterations from ``carry``, as compiled chunks of ``unroll``; returns carry and traces (numpy:
+    joining them with ``jnp`` would compile an eager concatenate for every ``n_iter``)."""
     consts = _iteration_constants(config)
     bounds = list(range(0, config.n_iter, config.unroll)) + [config.n_iter]
     best, losses = [], []
@@ -378,13 +380,13 @@ def _iterate_chunks(logits_fn, x, y, y_target, carry, config: APGDConfig):
         carry, b, l = _chunk_jit(logits_fn, x, y, y_target, carry, chunk_consts, config=_core(config))
         best.append(b)
         losses.append(l)
-    return carry, jnp.concatenate(best), jnp.concatenate(losses)
+    return carry, np.concatenate([np.asarray(b) for b in best]), np.concatenate([np.asarray(b) for b in losses])
 
 
 def _single_run_host(logits_fn, x, y, x_start, y_target, attack_mask, config: APGDConfig) -> dict:
     carry = _init_from_jit(logits_fn, x, y, x_start, y_target, attack_mask, config=_core(config))
     carry, best, losses = _iterate_chunks(logits_fn, x, y, y_target, carry, config)
-    return _result(carry, attack_mask, best, losses)
+    return _result(carry, attack_mask, best, losses, xp=np)
 
 
 _clean_jit = jit_logits_fn(lambda logits_fn, x, y, config: _clean(logits_fn, x, y))
@@ -421,19 +423,19 @@ def _apgd_host(logits_fn, x, y, key, config: APGDConfig):
                 rows, mask = np.arange(n), robust
             xs, ys, yts = x_np[rows], y_np[rows], y_target[rows]
             carry = _init_from_jit(logits_fn, xs, ys, x_start[rows], yts, mask, config=core)
-            start_loss = carry["start_loss"][None]
+            start_loss = np.asarray(carry["start_loss"])[None]
             carry, best, losses = _iterate_chunks(logits_fn, xs, ys, yts, carry, config)
             real = slice(0, len(idx)) if size < n else idx
             fooled = (mask & ~np.asarray(carry["robust"]))[real]
             x_adv[idx[fooled]] = np.asarray(carry["x_best_adv"])[real][fooled]
             robust = robust.copy()
             robust[idx[fooled]] = False
-            best_full[:, idx] = np.asarray(jnp.concatenate([start_loss, best]))[:, real]
-            loss_full[:, idx] = np.asarray(jnp.concatenate([start_loss, losses]))[:, real]
+            best_full[:, idx] = np.concatenate([start_loss, best])[:, real]
+            loss_full[:, idx] = np.concatenate([start_loss, losses])[:, real]
         traces_best.append(best_full)
         traces_loss.append(loss_full)
     x_adv = jnp.asarray(x_adv)
-    return x_adv, jnp.asarray(np.stack(traces_best)), jnp.asarray(np.stack(traces_loss))
+    return x_adv, jax.device_put(np.stack(traces_best)), jax.device_put(np.stack(traces_loss))  # no per-shape compile
 
 
 def _use_host_loop(config: APGDConfig) -> bool:

