@@ -24,8 +24,8 @@ Variants of a row are timed interleaved in one process (JAX, PyTorch, [JAX with 
 PyTorch, ...) after untimed warm-up calls (``--light-warmup``: APGD and flatness warm up on 10 iterations / 1 weight
 sample, which compile the same programs; for ResNet-18 on a CPU). Every row records the XLA compiles of its warm-up
 and of its timed calls (``xla_compiles_timed``: 0 when nothing recompiles). PyTorch uses channels_last, frozen
-parameters and eval mode during
-attacks, ``no_grad`` for forward-only parts. Timing assertions never belong in tests; this script only reports.
+parameters and eval mode during attacks, ``no_grad`` for forward-only parts. Timing assertions never belong in
+tests; this script only reports.
 """
 from __future__ import annotations
 
