@@ -19,6 +19,11 @@ timings are noisy (up to ~1.7x between identical runs per the CPU notes).
 Measured once with the defaults (2-core VM shared with other jobs, load average ~10; jax 0.10.2, torch 2.13 CPU):
 K=2 x 128 images: JAX 38.9 s, torch (channels_last) 53.2 s, JAX/torch 0.73 (medians of 3); JAX first call 87.6 s
 (compile). Strategies, K=4 x 32 images: loop 17.6 s, chunked(2) 32.7 s, vmap 42.7 s (medians of 2).
+
+The issue's size on a quiet machine (2026-11-26, same VM, nothing else running, numpy matmul ~155 GFLOP/s;
+``--samples 10 --n 1000 --rounds 1 --skip-strategies``): JAX 319.1 s vs torch 196.7 s (1.62); after the
+first-maximum max-pool JVP, JAX 333.1 s vs torch 226.6 s (1.47). JAX is slower here: the contended figure above
+(0.73) came from PyTorch losing more than XLA under CPU contention (benchmarks/README.md).
 """
 from __future__ import annotations
 
