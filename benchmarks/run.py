@@ -164,22 +164,6 @@ class Variant:
     warm: Optional[Callable[[], Any]] = None
 
 
-class CompileLog:
-    """Counts XLA backend compiles and their seconds (JAX's monitoring event), so every row can report the compile
-    time of its warm-up and prove that its timed calls compiled nothing."""
-
-    def __init__(self):
-        self.count, self.seconds = 0, 0.0
-
-    def __call__(self, event, duration_secs, **kwargs):
-        from jax._src.dispatch import BACKEND_COMPILE_EVENT
-        if event == BACKEND_COMPILE_EVENT:
-            self.count, self.seconds = self.count + 1, self.seconds + duration_secs
-
-    def snapshot(self) -> tuple[int, float]:
-        return self.count, self.seconds
-
-
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -551,16 +535,9 @@ ROW_BUILDERS = {"pgd_step": row_pgd_step, "train_step": row_train_step, "apgd_ce
 
 # ------------------------------------------------------------------------------------------------ driver
 def run_row(s: Setup, row: str, repeats: int, warmup: int, with_torch: bool, switch_off: bool, peak: float,
-            log, light_warmup: bool = False, compiles: Optional[CompileLog] = None) -> dict:
+            log, light_warmup: bool, compiles) -> dict:
+    """``compiles``: an entered :class:`robust_flat.xla.CompileCounter`."""
     load_before = os.getloadavg()[0]
-    if compiles is None:  # called on its own: listen for this row only
-        from jax import monitoring
-        compiles = CompileLog()
-        monitoring.register_event_duration_secs_listener(compiles)
-        try:
-            return run_row(s, row, repeats, warmup, with_torch, switch_off, peak, log, light_warmup, compiles)
-        finally:
-            monitoring.unregister_event_duration_listener(compiles)
     variants = ROW_BUILDERS[row](s, with_torch, switch_off)
     light = {v.name: light_warmup and v.warm is not None for v in variants}
     warm_compiles, timed_compiles = {}, {v.name: 0 for v in variants}
@@ -737,9 +714,6 @@ def main(argv=None):
     meta["matmul_peak"] = {"start": mm_start, "used_for_pct_peak_gflops": peak}
     log(f"  {peak:.1f} GFLOP/s")
 
-    from jax import monitoring
-    compiles = CompileLog()
-    monitoring.register_event_duration_secs_listener(compiles)
     result = {"meta": meta, "rows": []}
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
@@ -764,23 +738,24 @@ def main(argv=None):
             json.dump(result, fh, indent=1)
         os.replace(tmp, args.out)
 
-    for name in models:
-        todo = [r for r in rows if not _matches(skip, name, r)]
-        if not todo:
-            continue
-        log(f"setup {name} (batch {args.batch_size}) ...")
-        s = Setup(name, args.batch_size, with_torch)
-        meta.setdefault("models", {})[name] = {"forward_gmac_per_image": s.macs / 1e9,
-                                               "twin_max_logit_diff": s.twin_check}
-        for row in todo:
-            log(f"row {name} {row} ...")
-            res = run_row(s, row, repeats[name], args.warmup, with_torch, _matches(switch_off, name, row), peak, log,
-                          light_warmup=args.light_warmup, compiles=compiles)
-            res["run_date_utc"], res["matmul_peak_gflops"] = meta["date_utc"], peak
-            result["rows"].append(res)
-            save()
-        del s
-        gc.collect()
+    with xla.CompileCounter() as compiles:
+        for name in models:
+            todo = [r for r in rows if not _matches(skip, name, r)]
+            if not todo:
+                continue
+            log(f"setup {name} (batch {args.batch_size}) ...")
+            s = Setup(name, args.batch_size, with_torch)
+            meta.setdefault("models", {})[name] = {"forward_gmac_per_image": s.macs / 1e9,
+                                                   "twin_max_logit_diff": s.twin_check}
+            for row in todo:
+                log(f"row {name} {row} ...")
+                res = run_row(s, row, repeats[name], args.warmup, with_torch, _matches(switch_off, name, row), peak,
+                              log, light_warmup=args.light_warmup, compiles=compiles)
+                res["run_date_utc"], res["matmul_peak_gflops"] = meta["date_utc"], peak
+                result["rows"].append(res)
+                save()
+            del s
+            gc.collect()
     meta["skipped"] = sorted(f"{m}:{r}" for m in models for r in rows if _matches(skip, m, r))
     mm_end = matmul_gflops(args.matmul_size, args.matmul_repeats)
     meta["matmul_peak"]["end"] = mm_end

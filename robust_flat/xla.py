@@ -52,3 +52,38 @@ def jit(fn: Callable, **jit_kwargs) -> Callable:
     wrapper.lower = lambda *a, **k: jax.jit(fn, compiler_options=compiler_options(), **jit_kwargs).lower(*a, **k)
     wrapper.raw = fn
     return wrapper
+
+
+# JAX's monitoring event for one XLA backend compile (``jax._src.dispatch.BACKEND_COMPILE_EVENT``; the literal is
+# the fallback if the private name moves).
+try:
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+except ImportError:  # pragma: no cover
+    BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """Counts XLA backend compiles (``count``) and their duration (``seconds``) while entered:
+    ``with CompileCounter() as c: f(x)``; ``c.count`` then says whether ``f`` compiled. ``on_compile()`` is called
+    at each compile. The tests use it to prove that new batches, weights and epochs compile nothing; the benchmark
+    suite to report compile time and zero compiles in timed calls."""
+
+    def __init__(self, on_compile: Optional[Callable[[], None]] = None):
+        self.count, self.seconds, self.on_compile = 0, 0.0, on_compile
+
+    def __call__(self, event, duration_secs, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            self.count, self.seconds = self.count + 1, self.seconds + duration_secs
+            if self.on_compile is not None:
+                self.on_compile()
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self)
+
+    def snapshot(self) -> tuple[int, float]:
+        return self.count, self.seconds
+

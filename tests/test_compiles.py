@@ -6,8 +6,6 @@ that changes) is correct but silently slow; these tests catch it.
 import jax
 import numpy as np
 import pytest
-from jax import monitoring
-from jax._src.dispatch import BACKEND_COMPILE_EVENT
 
 from experiments.configs import pgd_at as pgd_at_config
 from robust_flat import flatness as F
@@ -16,25 +14,15 @@ from robust_flat.attacks.pgd import PGDConfig, pgd
 from robust_flat.models import bind, make_logits_fn
 from robust_flat.training.trainer import train
 from robust_flat.weights import Neighbourhood
+from robust_flat.xla import CompileCounter
 
 from flatness_toy import make_data, random_params, tiny_model
 
 
-class CompileCounter:
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, event, duration_secs, **kwargs):
-        if event == BACKEND_COMPILE_EVENT:
-            self.count += 1
-
-
 @pytest.fixture
 def compiles():
-    counter = CompileCounter()
-    monitoring.register_event_duration_secs_listener(counter)
-    yield counter
-    monitoring.unregister_event_duration_listener(counter)
+    with CompileCounter() as counter:
+        yield counter
 
 
 def _weights(model, seeds):
@@ -98,15 +86,8 @@ def test_training_compiles_nothing_after_the_first_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(data_lib, "train_batch", train_batch)
     steps_at_compile = []
 
-    def listener(event, duration_secs, **kwargs):
-        if event == BACKEND_COMPILE_EVENT:
-            steps_at_compile.append(current["step"])
-
     jax.clear_caches()  # compiles of earlier tests in this process must not hide the first epoch's
-    monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with CompileCounter(on_compile=lambda: steps_at_compile.append(current["step"])):
         state = train(config, str(tmp_path / "run"), progress=False)
-    finally:
-        monitoring.unregister_event_duration_listener(listener)
     assert int(state.step) == 2 * steps_per_epoch
     assert steps_at_compile and max(steps_at_compile) < steps_per_epoch, steps_at_compile
