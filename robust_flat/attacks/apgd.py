@@ -380,7 +380,7 @@ def _iterate_chunks(logits_fn, x, y, y_target, carry, config: APGDConfig):
         carry, b, l = _chunk_jit(logits_fn, x, y, y_target, carry, chunk_consts, config=_core(config))
         best.append(b)
         losses.append(l)
-    return carry, np.concatenate([np.asarray(b) for b in best]), np.concatenate([np.asarray(b) for b in losses])
+    return carry, np.concatenate(best), np.concatenate(losses)
 
 
 def _single_run_host(logits_fn, x, y, x_start, y_target, attack_mask, config: APGDConfig) -> dict:

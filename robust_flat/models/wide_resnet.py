@@ -32,7 +32,7 @@ class WideResNet(nn.Module):
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
                 x = PreActBlock(width, stride, self.activation, self.norm, self.dropout, self.dtype,
-                              name=f"stage{i + 1}_block{j}")(x, train)
+                                name=f"stage{i + 1}_block{j}")(x, train)
         x = get_activation(self.activation)(make_norm(self.norm, "norm_final", self.dtype)(x, train))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dt, name="logits")(x).astype(jnp.float32)
