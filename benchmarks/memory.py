@@ -73,9 +73,17 @@ def rows_for(name: str, batch_size: int, samples: int, chunk: int) -> dict:
     cfg = F.AverageCaseConfig(samples=samples, batch_size=batch_size)
     static, xi = F._static_config(cfg)
     for strategy, k in (("vmap", samples), ("chunked", chunk), ("loop", 1)):
+        # the attack program on the perturbed weights (the sampler is a separate, much smaller program)
         units = jax.ShapeDtypeStruct((k,), jnp.int32)
-        out[f"flatness_avg_{strategy}"] = memory_of(F._avg_units_jit, logits_fn, static, strategy != "loop", xi,
-                                                    params, model_state, key, units, 0, x, y, mask)
+        vectorize = strategy != "loop"
+        weights, keys = jax.eval_shape(lambda *a: F._avg_unit_weights(static, vectorize, *a, 0), xi, params, key,
+                                       units)
+        if strategy == "loop":
+            out["flatness_avg_loop"] = memory_of(F._robust_losses_jit, logits_fn, static.attack, weights, model_state,
+                                                 keys, x, y)
+        else:
+            out[f"flatness_avg_{strategy}"] = memory_of(F._avg_unit_losses_jit, logits_fn, static.attack, weights,
+                                                        model_state, keys, x, y)
         out[f"flatness_avg_{strategy}"]["weight_samples_per_call"] = k
         print(f"  {name} flatness_avg_{strategy} (K={k} per call): "
               f"{out[f'flatness_avg_{strategy}']['total_gb']:.2f} GB", flush=True)

@@ -64,16 +64,18 @@ except ImportError:  # pragma: no cover
 
 class CompileCounter:
     """Counts XLA backend compiles (``count``) and their duration (``seconds``) while entered:
-    ``with CompileCounter() as c: f(x)``; ``c.count`` then says whether ``f`` compiled. ``on_compile()`` is called
-    at each compile. The tests use it to prove that new batches, weights and epochs compile nothing; the benchmark
-    suite to report compile time and zero compiles in timed calls."""
+    ``with CompileCounter() as c: f(x)``; ``c.count`` then says whether ``f`` compiled, ``c.names`` which functions
+    compiled (``"jit(f)"``). ``on_compile()`` is called at each compile. The tests use it to prove that new batches,
+    weights and epochs compile nothing; the benchmark suite to report compile time and zero compiles in timed calls."""
 
     def __init__(self, on_compile: Optional[Callable[[], None]] = None):
         self.count, self.seconds, self.on_compile = 0, 0.0, on_compile
+        self.names: list[str] = []  # ``jit(<function name>)`` of each compile, in order
 
     def __call__(self, event, duration_secs, **kwargs):
         if event == BACKEND_COMPILE_EVENT:
             self.count, self.seconds = self.count + 1, self.seconds + duration_secs
+            self.names.append(str(kwargs.get("fun_name", "?")))
             if self.on_compile is not None:
                 self.on_compile()
 

@@ -91,3 +91,20 @@ def test_training_compiles_nothing_after_the_first_epoch(tmp_path, monkeypatch):
         state = train(config, str(tmp_path / "run"), progress=False)
     assert int(state.step) == 2 * steps_per_epoch
     assert steps_at_compile and max(steps_at_compile) < steps_per_epoch, steps_at_compile
+
+
+def test_average_case_shares_the_reference_attack_program(compiles):
+    """With the paper's settings the reference loss (PGD-20, restarts run one per call) and every weight sample
+    (PGD-20 on w + nu) run the same attack program, so it compiles once; the weight sampler is a program of its own
+    (inside the attack program XLA:CPU recomputed the sampler in every bias broadcast of every PGD pass)."""
+    model = tiny_model()
+    logits_fn = make_logits_fn(model)
+    x, y = make_data(32)
+    cfg = F.AverageCaseConfig(neighbourhood=Neighbourhood(xi=0.1), samples=2, attack=PGDConfig(steps=3),
+                              reference_attack=PGDConfig(steps=3, restarts=2), batch_size=32, strategy="loop")
+    params, model_state = random_params(model, 3)
+    jax.clear_caches()  # an earlier test in this process may have compiled the same programs
+    result = F.average_case(logits_fn, params, model_state, x, y, jax.random.PRNGKey(0), cfg)
+    assert np.all(np.isfinite(result.per_example))
+    assert compiles.names.count("jit(_robust_losses)") == 1, compiles.names
+    assert compiles.names.count("jit(_avg_unit_weights)") == 1, compiles.names
