@@ -462,11 +462,12 @@ def _avg_chunk(logits_fn, config, xi, params, model_state, key, batches, progres
         for b, batch in enumerate(batches):
             weights, keys = _avg_unit_weights_jit(config, vectorize, xi, params, key, ids, b)
             if vectorize:
-                losses = _avg_unit_losses_jit(logits_fn, config.attack, weights, model_state, keys, batch.x, batch.y)
+                losses = np.asarray(_avg_unit_losses_jit(logits_fn, config.attack, weights, model_state, keys,
+                                                         batch.x, batch.y))
             else:  # the reference's program
-                losses = _robust_losses_jit(logits_fn, config.attack, weights, model_state, keys, batch.x,
-                                            batch.y)[None]
-            out.append(np.asarray(losses)[:, :batch.n_valid])
+                losses = np.asarray(_robust_losses_jit(logits_fn, config.attack, weights, model_state, keys, batch.x,
+                                                       batch.y))[None]
+            out.append(losses[:, :batch.n_valid])
             if progress:
                 progress(n_real)
         return np.concatenate(out, axis=1)
