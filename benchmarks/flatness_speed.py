@@ -22,8 +22,10 @@ K=2 x 128 images: JAX 38.9 s, torch (channels_last) 53.2 s, JAX/torch 0.73 (medi
 
 The issue's size on a quiet machine (2026-11-26, same VM, nothing else running, numpy matmul ~155 GFLOP/s;
 ``--samples 10 --n 1000 --rounds 1 --skip-strategies``): JAX 319.1 s vs torch 196.7 s (1.62); after the
-first-maximum max-pool JVP, JAX 333.1 s vs torch 226.6 s (1.47). JAX is slower here: the contended figure above
-(0.73) came from PyTorch losing more than XLA under CPU contention (benchmarks/README.md).
+first-maximum max-pool JVP, JAX 333.1 s vs torch 226.6 s (1.47); after the weight sampler became a program of its
+own (2026-11-26), JAX 306.3 s vs torch 194.4 s (1.58). JAX is slower here: the contended figure above (0.73) came
+from PyTorch losing more than XLA under CPU contention, and XLA:CPU's convolutions trail PyTorch's oneDNN ones on
+this CPU (benchmarks/README.md).
 """
 from __future__ import annotations
 
