@@ -85,6 +85,9 @@ def rows_for(name: str, batch_size: int, samples: int, chunk: int) -> dict:
             out[f"flatness_avg_{strategy}"] = memory_of(F._avg_unit_losses_jit, logits_fn, static.attack, weights,
                                                         model_state, keys, x, y)
         out[f"flatness_avg_{strategy}"]["weight_samples_per_call"] = k
+        # the sampler program runs before it; only its output (the weights above) outlives it
+        out[f"flatness_avg_{strategy}"]["sampler_total_gb"] = memory_of(
+            F._avg_unit_weights_jit, static, vectorize, xi, params, key, units, 0)["total_gb"]
         print(f"  {name} flatness_avg_{strategy} (K={k} per call): "
               f"{out[f'flatness_avg_{strategy}']['total_gb']:.2f} GB", flush=True)
     wcfg = F.WorstCaseConfig(batch_size=batch_size)
