@@ -299,7 +299,7 @@ def single_run_scan(logits_fn, x, y, x_start, y_target, attack_mask, config: APG
 def _result(carry, attack_mask, trace_best, trace_loss, xp=jnp) -> dict:
     """``xp=np`` on the host path: the traces are joined in numpy, so no eager op compiles per ``n_iter``."""
     start = xp.asarray(carry["start_loss"])[None]
-    return dict(fooled=attack_mask & ~carry["robust"], x_best_adv=carry["x_best_adv"], x_best=carry["x_best"],
+    return dict(fooled=attack_mask & ~xp.asarray(carry["robust"]), x_best_adv=carry["x_best_adv"], x_best=carry["x_best"],
                 loss_best=carry["loss_best"], trace_best=xp.concatenate([start, trace_best]),
                 trace_loss=xp.concatenate([start, trace_loss]))
 
@@ -421,17 +421,14 @@ def _apgd_host(logits_fn, x, y, key, config: APGDConfig):
                 rows, mask = np.concatenate([idx, np.full(size - len(idx), idx[0])]), np.arange(size) < len(idx)
             else:
                 rows, mask = np.arange(n), robust
-            xs, ys, yts = x_np[rows], y_np[rows], y_target[rows]
-            carry = _init_from_jit(logits_fn, xs, ys, x_start[rows], yts, mask, config=core)
-            start_loss = np.asarray(carry["start_loss"])[None]
-            carry, best, losses = _iterate_chunks(logits_fn, xs, ys, yts, carry, config)
+            res = _single_run_host(logits_fn, x_np[rows], y_np[rows], x_start[rows], y_target[rows], mask, config)
             real = slice(0, len(idx)) if size < n else idx
-            fooled = (mask & ~np.asarray(carry["robust"]))[real]
-            x_adv[idx[fooled]] = np.asarray(carry["x_best_adv"])[real][fooled]
+            fooled = res["fooled"][real]
+            x_adv[idx[fooled]] = np.asarray(res["x_best_adv"])[real][fooled]
             robust = robust.copy()
             robust[idx[fooled]] = False
-            best_full[:, idx] = np.concatenate([start_loss, best])[:, real]
-            loss_full[:, idx] = np.concatenate([start_loss, losses])[:, real]
+            best_full[:, idx] = res["trace_best"][:, real]
+            loss_full[:, idx] = res["trace_loss"][:, real]
         traces_best.append(best_full)
         traces_loss.append(loss_full)
     x_adv = jnp.asarray(x_adv)
