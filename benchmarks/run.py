@@ -48,6 +48,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from robust_flat.io import atomic_write_json
+
 ROWS = ("pgd_step", "train_step", "apgd_ce", "flatness_avg", "hvp")
 MODELS = ("small_cnn", "resnet18")
 # Work per image in units of F = one forward pass (2 x the model's conv+dense MACs), counted analytically.
@@ -732,11 +734,8 @@ def main(argv=None):
             meta.setdefault("models", {})[name] = info
     result["rows"] = list(kept)
 
-    def save():
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=1)
-        os.replace(tmp, args.out)
+    def save():  # atomic: an interrupted run leaves the previous file, never half of one
+        atomic_write_json(args.out, result, indent=1)
 
     with xla.CompileCounter() as compiles:
         for name in models:
