@@ -2,7 +2,13 @@
 
 ``python -m benchmarks.run [--rows pgd_step,train_step,apgd_ce,flatness_avg,hvp] [--models small_cnn,resnet18]
 [--repeats 5 | --repeats small_cnn=5,resnet18=2] [--batch-size 128] [--out benchmarks/results/latest.json]
-[--no-torch] [--torch-threads N] [--skip resnet18:apgd_ce,...] [--switch-off small_cnn:pgd_step,...]``
+[--no-torch] [--torch-threads N] [--skip resnet18:apgd_ce,...] [--switch-off small_cnn:pgd_step,...]
+[--torch-device auto|cpu|cuda] [--min-time S] [--bf16]``
+
+On a GPU (JAX's default backend) PyTorch runs on CUDA too (``--torch-device auto``) with cuDNN autotuning and TF32
+as XLA's default precision, each timing sample averages back-to-back calls filling ``--min-time`` (0.5 s), % peak
+is against a JAX matmul on the device, and per-row device memory peaks are recorded. ``--bf16`` adds a bfloat16
+variant of the JAX AT step.
 
 Rows (batch B of random images in [0, 1], float32, see benchmarks/README.md):
 
@@ -36,6 +42,7 @@ import datetime
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -90,6 +97,41 @@ def matmul_gflops(n: int, repeats: int) -> dict:
         rates.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
     return {"n": n, "median_gflops": float(np.median(rates)), "min_gflops": float(min(rates)),
             "max_gflops": float(max(rates)), "samples": [float(r) for r in rates]}
+
+
+def device_matmul_gflops(n: int, repeats: int, inner: int = 10) -> dict:
+    """JAX float32 n x n matmul GFLOP/s on the default (accelerator) device, default precision (XLA may use TF32
+    on a GPU, as it does for the convolutions timed here): one warm-up, then ``repeats`` samples of ``inner`` calls."""
+    import jax
+    import jax.numpy as jnp
+    ka, kb = jax.random.split(jax.random.key(0))
+    a, b = jax.random.uniform(ka, (n, n), jnp.float32), jax.random.uniform(kb, (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner):
+            c = dot(a, b)
+        c.block_until_ready()
+        rates.append(2 * n ** 3 * inner / (time.perf_counter() - t) / 1e9)
+    return {"n": n, "median_gflops": float(np.median(rates)), "min_gflops": float(min(rates)),
+            "max_gflops": float(max(rates)), "samples": [float(r) for r in rates],
+            "what": f"jax.jit(jnp.dot) float32 on {jax.devices()[0].device_kind}, default precision"}
+
+
+def device_memory(torch_device: str) -> dict:
+    """Accelerator memory: JAX's allocator peak over the process so far (it cannot be reset) and PyTorch's peak
+    since the last ``torch.cuda.reset_peak_memory_stats()`` (reset at the start of each row)."""
+    import jax
+    out = {}
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        out["jax_peak_gb_process_so_far"] = stats["peak_bytes_in_use"] / 2 ** 30
+    if torch_device != "cpu":
+        import torch
+        out["torch_peak_gb_row"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -250,12 +292,12 @@ def torch_pgd(net, x, y, steps, gen, eps=EPS, step_size=PGD_STEP):
     """PGD as ``robust_flat.attacks.pgd`` with the paper's defaults (uniform-norm start, per-example best iterate)."""
     import torch
     import torch.nn.functional as F
-    n = x.shape[0]
-    g = torch.randn(x.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    n, dev = x.shape[0], x.device
+    g = torch.randn(x.shape, generator=gen, device=dev).contiguous(memory_format=torch.channels_last)
     g = g / g.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-    u = torch.rand(n, generator=gen).view(-1, 1, 1, 1)
+    u = torch.rand(n, generator=gen, device=dev).view(-1, 1, 1, 1)
     delta = torch_project(eps * u * g, x, eps)
-    best_delta, best_loss = delta, torch.full((n,), -float("inf"))
+    best_delta, best_loss = delta, torch.full((n,), -float("inf"), device=dev)
     for _ in range(steps):
         delta, best_delta, best_loss = torch_pgd_step(net, x, y, delta, best_delta, best_loss, eps, step_size)
     with torch.no_grad():
@@ -265,9 +307,12 @@ def torch_pgd(net, x, y, steps, gen, eps=EPS, step_size=PGD_STEP):
 
 
 def torch_images(images_u8):
-    """uint8 NHWC numpy -> float NCHW (channels_last memory) in [0, 1]."""
+    """uint8 NHWC numpy array or tensor (on any device) -> float NCHW (channels_last memory) in [0, 1], on the
+    tensor's device."""
     import torch
-    x = torch.from_numpy(np.array(images_u8, copy=True)).permute(0, 3, 1, 2).float() / 255.0
+    if isinstance(images_u8, np.ndarray):
+        images_u8 = torch.from_numpy(np.array(images_u8, copy=True))
+    x = images_u8.permute(0, 3, 1, 2).float() / 255.0
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -276,13 +321,14 @@ def torch_augment(x, gen, pad: int = 4):
     import torch
     import torch.nn.functional as F
     n, c, h, w = x.shape
+    dev = x.device
     padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    rows = (oy[:, None] + torch.arange(h))[:, :, None]
-    cols = (ox[:, None] + torch.arange(w))[:, None, :]
-    out = padded[torch.arange(n)[:, None, None], rows, cols]  # [n, h, w, c]
-    flip = (torch.rand(n, generator=gen) < 0.5)[:, None, None, None]
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]
+    out = padded[torch.arange(n, device=dev)[:, None, None], rows, cols]  # [n, h, w, c]
+    flip = (torch.rand(n, generator=gen, device=dev) < 0.5)[:, None, None, None]
     out = torch.where(flip, out.flip(2), out)
     return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
@@ -301,7 +347,7 @@ def torch_flatness(net, x, y, gen, samples=FLATNESS_K, xi=FLATNESS_XI, steps=20)
         for _ in range(samples):
             with torch.no_grad():
                 for p, w in zip(layers, originals):
-                    g = torch.randn(w.shape, generator=gen)
+                    g = torch.randn(w.shape, generator=gen, device=w.device)
                     p.copy_(w + (xi * w.norm() / g.norm()) * g)
             x_adv = torch_pgd(net, x, y, steps, gen)
             with torch.no_grad():
@@ -323,14 +369,37 @@ def torch_hvp(net, x, y, params, v):
 
 
 # ------------------------------------------------------------------------------------------------ setup
-class Setup:
-    """Model, weights, data and the PyTorch twin for one model name (shared by its rows)."""
+def torch_device(spec: str, jax_backend: str) -> str:
+    """``auto``: PyTorch on CUDA when JAX runs on a GPU and PyTorch sees one, else on the CPU."""
+    import torch
+    if spec == "auto":
+        return "cuda" if jax_backend == "gpu" and torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--torch-device cuda: this PyTorch build sees no CUDA device")
+    return spec
 
-    def __init__(self, name: str, batch_size: int, with_torch: bool):
+
+def torch_synced(fn, device: str):
+    """``fn`` that returns only when its CUDA work is done (JAX calls block on their results likewise)."""
+    if device == "cpu":
+        return fn
+
+    def call():
+        import torch
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return call
+
+
+class Setup:
+    """Model, weights, data and the PyTorch twin (on ``torch_device``) for one model name (shared by its rows)."""
+
+    def __init__(self, name: str, batch_size: int, with_torch: bool, torch_device: str = "cpu", bf16: bool = False):
         import jax
         from robust_flat.models import bind, create_model, init_model, make_apply_fn, make_logits_fn
 
-        self.name, self.batch_size = name, batch_size
+        self.name, self.batch_size, self.bf16 = name, batch_size, bf16
         self.model = create_model(name)
         params, model_state = init_model(self.model, jax.random.key(0))
         if model_state:  # non-trivial BN statistics, so eval and train mode differ as in a trained model
@@ -344,15 +413,21 @@ class Setup:
         self.y = rng.integers(0, 10, batch_size).astype(np.int32)
         self.y_pred = np.asarray(jax.numpy.argmax(self.f(self.x), -1), np.int32)
         self.macs = forward_macs(self.logits_fn, params, model_state)
-        self.net, self.twin_check = None, None
+        self.net, self.twin_check, self.tdev = None, None, torch_device
         if with_torch:
             import torch
             from benchmarks import torch_models
             self.net = torch_models.twin(name, self.model, params, model_state).to(memory_format=torch.channels_last)
-            self.twin_check = torch_models.max_logit_difference(self.net, self.f, self.x[:16])
-            self.tx = torch_images(self.images_u8)
-            self.ty = torch.from_numpy(self.y.astype(np.int64))
-            self.ty_pred = torch.from_numpy(self.y_pred.astype(np.int64))
+            self.twin_check = torch_models.max_logit_difference(self.net, self.f, self.x[:16])  # on the CPU
+            self.net = self.net.to(torch_device)
+            self.tu8 = torch.from_numpy(self.images_u8.copy()).to(torch_device)
+            self.tx = torch_images(self.tu8)
+            self.ty = torch.from_numpy(self.y.astype(np.int64)).to(torch_device)
+            self.ty_pred = torch.from_numpy(self.y_pred.astype(np.int64)).to(torch_device)
+
+    def generator(self):
+        import torch
+        return torch.Generator(device=self.tdev).manual_seed(0)
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -387,16 +462,17 @@ def row_pgd_step(s: Setup, with_torch: bool, switch_off: bool) -> list[Variant]:
         import torch
         net, x, y = s.net, s.tx, s.ty
         t_delta = torch.from_numpy(np.array(delta)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        t_best = torch.full((n,), -float("inf"))
+        t_delta = t_delta.to(s.tdev)
+        t_best = torch.full((n,), -float("inf"), device=s.tdev)
 
         def torch_call():
             with frozen(net):
                 return torch_pgd_step(net, x, y, t_delta, t_delta, t_best)
         # same work: the new iterate of both implementations (sign steps agree except at gradient ties)
         d_jax = np.asarray(variants[0].call()[0])
-        d_torch = torch_call()[0].permute(0, 2, 3, 1).numpy()
+        d_torch = torch_call()[0].permute(0, 2, 3, 1).cpu().numpy()
         variants[0].info["same_iterate_as_torch"] = float(np.mean(np.abs(d_jax - d_torch) < 1e-6))
-        variants.insert(1, Variant("torch", torch_call))
+        variants.insert(1, Variant("torch", torch_synced(torch_call, s.tdev)))
     return variants
 
 
@@ -419,7 +495,13 @@ def row_train_step(s: Setup, with_torch: bool, switch_off: bool) -> list[Variant
         return create_train_state(copy_(s.params), copy_(s.model_state), tx, jax.random.key_data(jax.random.key(0)))
 
     variants = []
-    for name, on in [("jax", True)] + ([("jax_switch_off", False)] if switch_off else []):
+    runs = [("jax", True, step)] + ([("jax_switch_off", False, step)] if switch_off else [])
+    if s.bf16:  # bfloat16 compute, float32 params / optimizer / BN statistics (config.model.dtype="bfloat16")
+        from robust_flat.models import create_model, make_apply_fn
+        bf16_fn = make_apply_fn(create_model(s.name, dtype="bfloat16"))
+        runs.append(("jax_bf16", True, functools.partial(train_step, apply_fn=bf16_fn, tx=tx, attack=PGDConfig(),
+                                                         fraction=1.0, augment=True)))
+    for name, on, step in runs:
         holder = {"state": fresh_state(), "i": 0}
         with fast_conv(on):
             compiled, lo, co, ynn = _compile(xla.jit(step, donate_argnums=(0,)), holder["state"], batch,
@@ -435,10 +517,10 @@ def row_train_step(s: Setup, with_torch: bool, switch_off: bool) -> list[Variant
         import torch.nn.functional as F
         net = copy.deepcopy(s.net)
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        gen = torch.Generator().manual_seed(0)
+        gen = s.generator()
 
-        def torch_call():
-            x = torch_augment(torch_images(s.images_u8), gen)
+        def torch_call():  # from the uint8 batch on the device, as the JAX step takes it
+            x = torch_augment(torch_images(s.tu8), gen)
             net.eval()
             with frozen(net):
                 x_adv = torch_pgd(net, x, s.ty, 7, gen)
@@ -447,7 +529,7 @@ def row_train_step(s: Setup, with_torch: bool, switch_off: bool) -> list[Variant
             loss = F.cross_entropy(net(x_adv), s.ty)
             loss.backward()
             opt.step()
-            return loss.item()
+            return loss.item()  # synchronizes
         variants.insert(1, Variant("torch", torch_call))
     return variants
 
@@ -467,12 +549,12 @@ def row_apgd_ce(s: Setup, with_torch: bool, switch_off: bool) -> list[Variant]:
 
         def make(n_iter):
             attack = APGDAttack(s.net, n_iter=n_iter, norm="Linf", n_restarts=1, eps=EPS, seed=0, loss="ce",
-                                eot_iter=1, rho=0.75, device="cpu")
+                                eot_iter=1, rho=0.75, device=s.tdev)
 
             def torch_call():
                 with frozen(s.net):
                     return attack.perturb(s.tx, s.ty_pred)
-            return torch_call
+            return torch_synced(torch_call, s.tdev)
         variants.append(Variant("torch", make(100), warm=make(light.n_iter)))
     return variants
 
@@ -494,10 +576,9 @@ def row_flatness_avg(s: Setup, with_torch: bool, switch_off: bool) -> list[Varia
     variants = [Variant("jax", jax_call, compile_method="first call - median",
                         warm=functools.partial(jax_call, light))]
     if with_torch:
-        import torch
-        gen = torch.Generator().manual_seed(0)
-        variants.append(Variant("torch", lambda: torch_flatness(s.net, s.tx, s.ty, gen),
-                                warm=lambda: torch_flatness(s.net, s.tx, s.ty, gen, samples=1)))
+        gen = s.generator()
+        variants.append(Variant("torch", torch_synced(lambda: torch_flatness(s.net, s.tx, s.ty, gen), s.tdev),
+                                warm=torch_synced(lambda: torch_flatness(s.net, s.tx, s.ty, gen, samples=1), s.tdev)))
     return variants
 
 
@@ -521,13 +602,14 @@ def row_hvp(s: Setup, with_torch: bool, switch_off: bool) -> list[Variant]:
     if with_torch:
         import torch
         params = [p for p in s.net.parameters() if p.dim() >= 2]
-        gen = torch.Generator().manual_seed(0)
-        tv = [torch.randn(p.shape, generator=gen) for p in params]
+        gen = s.generator()
+        tv = [torch.randn(p.shape, generator=gen, device=s.tdev) for p in params]
 
         def torch_call():
             with frozen(s.net, keep=params):
                 return torch_hvp(s.net, s.tx, s.ty, params, tv)
-        variants.append(Variant("torch", torch_call, info={"dim": int(sum(p.numel() for p in params))}))
+        variants.append(Variant("torch", torch_synced(torch_call, s.tdev),
+                                info={"dim": int(sum(p.numel() for p in params))}))
     return variants
 
 
@@ -537,9 +619,14 @@ ROW_BUILDERS = {"pgd_step": row_pgd_step, "train_step": row_train_step, "apgd_ce
 
 # ------------------------------------------------------------------------------------------------ driver
 def run_row(s: Setup, row: str, repeats: int, warmup: int, with_torch: bool, switch_off: bool, peak: float,
-            log, light_warmup: bool, compiles) -> dict:
-    """``compiles``: an entered :class:`robust_flat.xla.CompileCounter`."""
+            log, light_warmup: bool, compiles, min_time: float = 0.0) -> dict:
+    """``compiles``: an entered :class:`robust_flat.xla.CompileCounter`. ``min_time`` > 0: each timing sample runs
+    the call back to back ``inner`` times (enough for ``min_time`` seconds, from one untimed calibration call) and
+    records the mean, so that millisecond calls on an accelerator are not timed one dispatch at a time."""
     load_before = os.getloadavg()[0]
+    if with_torch and s.tdev != "cpu":
+        import torch
+        torch.cuda.reset_peak_memory_stats()
     variants = ROW_BUILDERS[row](s, with_torch, switch_off)
     light = {v.name: light_warmup and v.warm is not None for v in variants}
     warm_compiles, timed_compiles = {}, {v.name: 0 for v in variants}
@@ -554,13 +641,25 @@ def run_row(s: Setup, row: str, repeats: int, warmup: int, with_torch: bool, swi
         warm_compiles[v.name] = (c1[0] - c0[0], c1[1] - c0[1])
         if light[v.name]:
             log(f"  {s.name} {row} {v.name} light warm-up: {v.first_call_s:.3f} s")
+    inner = {v.name: 1 for v in variants}
+    if min_time > 0:
+        for v in variants:
+            inner[v.name] = max(1, min(1000, math.ceil(min_time / max(_timed(v.call), 1e-6))))
+
+    def sample(v):
+        t = time.perf_counter()
+        for _ in range(inner[v.name]):
+            v.call()
+        return (time.perf_counter() - t) / inner[v.name]
+
     for r in range(repeats):
         for v in variants:
             time.sleep(0.2)  # let the other framework's worker threads go idle
             c0 = compiles.snapshot()[0]
-            v.times.append(_timed(v.call))
+            v.times.append(sample(v))
             timed_compiles[v.name] += compiles.snapshot()[0] - c0
-            log(f"  {s.name} {row} {v.name} repeat {r + 1}/{repeats}: {v.times[-1]:.3f} s")
+            log(f"  {s.name} {row} {v.name} repeat {r + 1}/{repeats}: {v.times[-1]:.4f} s"
+                + (f" (mean of {inner[v.name]})" if inner[v.name] > 1 else ""))
         gc.collect()
     work_gflop = WORK_F[row] * 2 * s.macs * s.batch_size / 1e9
     out_variants = {}
@@ -581,14 +680,17 @@ def run_row(s: Setup, row: str, repeats: int, warmup: int, with_torch: bool, swi
             "compile_s": compile_s if v.name != "torch" else None,
             "compile_method": method if v.name != "torch" else None,
             "xla_compiles_warmup": warm_compiles[v.name][0], "xla_compile_s_warmup": warm_compiles[v.name][1],
-            "xla_compiles_timed": timed_compiles[v.name], **v.info}
+            "xla_compiles_timed": timed_compiles[v.name], "calls_per_sample": inner[v.name], **v.info}
     result = {"model": s.name, "row": row, "batch_size": s.batch_size, "work_F_per_image": WORK_F[row],
               "gflop_per_call": work_gflop, "variants": out_variants, "load_avg_1min_before": load_before,
-              "load_avg_1min_after": os.getloadavg()[0], "process_peak_rss_mb": peak_rss_mb()}
+              "load_avg_1min_after": os.getloadavg()[0], "process_peak_rss_mb": peak_rss_mb(),
+              "device_memory": device_memory(s.tdev if with_torch else "cpu")}
     if "torch" in out_variants:
         result["jax_over_torch"] = out_variants["jax"]["median_s"] / out_variants["torch"]["median_s"]
     if "jax_switch_off" in out_variants:
         result["switch_off_over_on"] = out_variants["jax_switch_off"]["median_s"] / out_variants["jax"]["median_s"]
+    if "jax_bf16" in out_variants:
+        result["bf16_over_fp32"] = out_variants["jax_bf16"]["median_s"] / out_variants["jax"]["median_s"]
     return result
 
 
@@ -610,6 +712,11 @@ def parse_repeats(spec: str, models) -> dict:
     return out
 
 
+def _sec(t: float) -> str:
+    """Seconds with 3 decimals, or 3 significant digits below 0.1 s (millisecond calls on an accelerator)."""
+    return f"{t:.3f}" if t >= 0.1 else f"{t:.3g}"
+
+
 def format_table(result: dict) -> str:
     head = (f"{'model':<10} {'row':<13} {'variant':<15} {'n':>2} {'median s':>9} {'min':>8} {'max':>8} "
             f"{'img/s':>8} {'GFLOP/s':>8} {'%peak':>6} {'compile s':>9} {'JAX/torch':>9}")
@@ -621,9 +728,11 @@ def format_table(result: dict) -> str:
                 ratio = f"{row['jax_over_torch']:.2f}"
             elif name == "jax_switch_off":
                 ratio = f"(off/on {row['switch_off_over_on']:.2f})"
+            elif name == "jax_bf16":
+                ratio = f"(bf16 {row['bf16_over_fp32']:.2f})"
             comp = "" if v["compile_s"] is None else f"{v['compile_s']:.1f}"
-            lines.append(f"{row['model']:<10} {row['row']:<13} {name:<15} {v['n']:>2} {v['median_s']:>9.3f} "
-                         f"{v['min_s']:>8.3f} {v['max_s']:>8.3f} {v['images_per_s']:>8.1f} {v['gflops']:>8.1f} "
+            lines.append(f"{row['model']:<10} {row['row']:<13} {name:<15} {v['n']:>2} {_sec(v['median_s']):>9} "
+                         f"{_sec(v['min_s']):>8} {_sec(v['max_s']):>8} {v['images_per_s']:>8.1f} {v['gflops']:>8.1f} "
                          f"{v['pct_peak']:>5.0f}% {comp:>9} {ratio:>9}")
     return "\n".join(lines)
 
@@ -639,12 +748,14 @@ def markdown_table(result: dict) -> str:
                 ratio = f"**{row['jax_over_torch']:.2f}**"
             elif name == "jax_switch_off":
                 ratio = f"off/on {row['switch_off_over_on']:.2f}"
+            elif name == "jax_bf16":
+                ratio = f"bf16/fp32 {row['bf16_over_fp32']:.2f}"
             comp = "" if v.get("compile_s") is None else f"{v['compile_s']:.1f}"
             if comp and v.get("compile_method") != "lower()+compile()":
                 comp += "*"
             load = f"{row['load_avg_1min_before']:.1f}-{row['load_avg_1min_after']:.1f}"
-            lines.append(f"| {row['model']} | {row['row']} | {name} | {v['n']} | {v['median_s']:.3f} | "
-                         f"{v['min_s']:.3f} | {v['max_s']:.3f} | {v['images_per_s']:.1f} | {v['gflops']:.1f} | "
+            lines.append(f"| {row['model']} | {row['row']} | {name} | {v['n']} | {_sec(v['median_s'])} | "
+                         f"{_sec(v['min_s'])} | {_sec(v['max_s'])} | {v['images_per_s']:.1f} | {v['gflops']:.1f} | "
                          f"{v['pct_peak']:.0f}% | {comp} | {ratio} | {load} | {row['process_peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
@@ -669,6 +780,14 @@ def main(argv=None):
     ap.add_argument("--switch-off", default=DEFAULT_SWITCH_OFF,
                     help="model:row pairs (or rows) that also run with the XLA:CPU conv switch off; 'none' for none")
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where the PyTorch references run; auto: CUDA when JAX runs on a GPU")
+    ap.add_argument("--bf16", action="store_true",
+                    help="train_step also runs JAX with bfloat16 compute and float32 params (variant jax_bf16; "
+                         "bf16_over_fp32 = its median / the float32 median)")
+    ap.add_argument("--min-time", type=float, default=-1.0,
+                    help="seconds per timing sample: shorter calls are repeated back to back and averaged "
+                         "(-1: 0 on a CPU, 0.5 on an accelerator)")
     ap.add_argument("--matmul-size", type=int, default=4096)
     ap.add_argument("--matmul-repeats", type=int, default=5)
     ap.add_argument("--report", metavar="JSON", help="print the Markdown table of a saved result and exit")
@@ -696,22 +815,40 @@ def main(argv=None):
     import jaxlib
     import flax
     from robust_flat import xla
+    backend = jax.default_backend()
+    min_time = args.min_time if args.min_time >= 0 else (0.0 if backend == "cpu" else 0.5)
+    if backend != "cpu":  # the switch only sets XLA:CPU options: off and on compile the same program
+        switch_off = set()
     meta = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "numpy": np.__version__, "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "flax": flax.__version__, "jax_backend": jax.default_backend(),
             "fast_cpu_conv": xla.fast_cpu_conv_enabled(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "load_avg_start": os.getloadavg(), "batch_size": args.batch_size, "warmup": args.warmup,
-            "light_warmup": args.light_warmup,
+            "light_warmup": args.light_warmup, "min_time_s": min_time,
+            "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
             "repeats": repeats, "work_F_per_image": WORK_F, "argv": sys.argv[1:] if argv is None else list(argv)}
     if with_torch:
         import torch
         if args.torch_threads > 0:
             torch.set_num_threads(args.torch_threads)
         meta["torch"], meta["torch_threads"] = torch.__version__, torch.get_num_threads()
+        meta["torch_device"] = tdev = torch_device(args.torch_device, backend)
+        if tdev == "cuda":  # best settings: cuDNN picks its fastest algorithms; TF32 as XLA's default precision
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            meta["torch_cuda"] = {"device": torch.cuda.get_device_name(0), "cudnn_benchmark": True,
+                                  "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_allow_tf32": True}
         torch.manual_seed(0)
-    log(f"matmul peak: numpy {args.matmul_size}^2 float32 ...")
-    mm_start = matmul_gflops(args.matmul_size, args.matmul_repeats)
+    else:
+        tdev = "cpu"
+
+    def peak_gflops():
+        if backend == "cpu":
+            return matmul_gflops(args.matmul_size, args.matmul_repeats)
+        return device_matmul_gflops(max(args.matmul_size, 8192), args.matmul_repeats)
+    log(f"matmul peak ({backend}) ...")
+    mm_start = peak_gflops()
     peak = mm_start["median_gflops"]
     meta["matmul_peak"] = {"start": mm_start, "used_for_pct_peak_gflops": peak}
     log(f"  {peak:.1f} GFLOP/s")
@@ -743,28 +880,29 @@ def main(argv=None):
             if not todo:
                 continue
             log(f"setup {name} (batch {args.batch_size}) ...")
-            s = Setup(name, args.batch_size, with_torch)
+            s = Setup(name, args.batch_size, with_torch, tdev, bf16=args.bf16)
             meta.setdefault("models", {})[name] = {"forward_gmac_per_image": s.macs / 1e9,
                                                    "twin_max_logit_diff": s.twin_check}
             for row in todo:
                 log(f"row {name} {row} ...")
                 res = run_row(s, row, repeats[name], args.warmup, with_torch, _matches(switch_off, name, row), peak,
-                              log, light_warmup=args.light_warmup, compiles=compiles)
+                              log, light_warmup=args.light_warmup, compiles=compiles, min_time=min_time)
                 res["run_date_utc"], res["matmul_peak_gflops"] = meta["date_utc"], peak
                 result["rows"].append(res)
                 save()
             del s
             gc.collect()
     meta["skipped"] = sorted(f"{m}:{r}" for m in models for r in rows if _matches(skip, m, r))
-    mm_end = matmul_gflops(args.matmul_size, args.matmul_repeats)
+    mm_end = peak_gflops()
     meta["matmul_peak"]["end"] = mm_end
     meta["load_avg_end"] = os.getloadavg()
     save()
     print(f"# {meta['date_utc']}  {meta['cpu_model']}, {meta['cpu_count']} cores, load avg (1/5/15 min) start "
           f"{'/'.join(f'{l:.1f}' for l in meta['load_avg_start'])}, end "
           f"{'/'.join(f'{l:.1f}' for l in meta['load_avg_end'])}")
-    print(f"# numpy {args.matmul_size}^2 float32 matmul: {peak:.1f} GFLOP/s at start, {mm_end['median_gflops']:.1f} at "
-          f"end (% peak uses the start value); batch {args.batch_size}")
+    print(f"# {mm_start.get('what', f'numpy {args.matmul_size}^2 float32 matmul')}: {peak:.1f} GFLOP/s at start, "
+          f"{mm_end['median_gflops']:.1f} at end (% peak uses the start value); batch {args.batch_size}; JAX on "
+          f"{meta['device_kind']}, PyTorch on {tdev}")
     print(format_table(result))
     print(f"# wrote {args.out}")
     return result

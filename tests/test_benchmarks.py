@@ -14,7 +14,7 @@ def test_run_writes_valid_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "benchmarks.run", "--rows", "pgd_step,apgd_ce", "--models", "small_cnn",
            "--repeats", "1", "--batch-size", "8", "--no-torch", "--matmul-size", "256", "--matmul-repeats", "1",
-           "--light-warmup", "--switch-off", "small_cnn:pgd_step", "--out", str(out)]
+           "--light-warmup", "--switch-off", "small_cnn:pgd_step", "--min-time", "0.5", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -33,6 +33,10 @@ def test_run_writes_valid_json(tmp_path):
         assert np.isclose(v["images_per_s"], 8 / v["median_s"])
         assert np.isclose(v["gflops"], row["gflop_per_call"] / v["median_s"])
     assert np.isclose(row["gflop_per_call"], 2 * 2 * 0.025003264 * 8)
+    # --min-time: a PGD step on 8 images takes milliseconds, so each sample averages several back-to-back calls;
+    # the 100-iteration APGD call is long enough on its own
+    assert meta["min_time_s"] == 0.5
+    assert all(v["calls_per_sample"] > 1 for v in row["variants"].values())
     # the switch really changes the compiled program: with it off every convolution runs in YNNPACK
     on, off = row["variants"]["jax"]["ynn"], row["variants"]["jax_switch_off"]["ynn"]
     assert off["convolutions"] > 0 and off["in_ynnpack"] == off["convolutions"]
