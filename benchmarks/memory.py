@@ -1,7 +1,7 @@
 """Device memory of the compiled JAX paths, from XLA's buffer assignment (no GPU needed).
 
 ``python -m benchmarks.memory [--models resnet18,small_cnn] [--batch-size 128] [--samples 10]
-[--out benchmarks/results/memory.json]``
+[--rows train_step,flatness_avg_vmap,...] [--out benchmarks/results/memory.json]``
 
 Each row lowers and compiles one jitted function on abstract inputs (``jax.ShapeDtypeStruct``: nothing is allocated
 or run) and reports ``compiled.memory_analysis()``: arguments + outputs + temporaries - aliased (donated) bytes. That
@@ -51,7 +51,10 @@ def memory_of(jitted, *args, **kwargs) -> dict:
             "compile_s": round(seconds, 1)}
 
 
-def rows_for(name: str, batch_size: int, samples: int, chunk: int) -> dict:
+ROWS = ("train_step", "flatness_avg_vmap", "flatness_avg_chunked", "flatness_avg_loop", "flatness_worst_loop", "hvp")
+
+
+def rows_for(name: str, batch_size: int, samples: int, chunk: int, rows=ROWS) -> dict:
     model = models.create_model(name, **MODEL_OPTS[name])
     params, model_state = jax.eval_shape(lambda k: models.init_model(model, k), jax.random.PRNGKey(0))
     logits_fn, apply_fn = models.make_logits_fn(model), models.make_apply_fn(model)
@@ -61,18 +64,21 @@ def rows_for(name: str, batch_size: int, samples: int, chunk: int) -> dict:
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # raw PRNGKey, as the trainer passes
     out = {"params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))}
 
-    from experiments.configs import pgd_at as pgd_at_config
-    config = pgd_at_config.get_config("paper")
-    tx = make_optimizer(config.optimizer, 390, config.train.epochs)
-    state = jax.eval_shape(lambda p, s: create_train_state(p, s, tx, jax.random.PRNGKey(1)), params, model_state)
-    step = pgd_at.make_step(config, apply_fn, tx)
-    batch = {"image": jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.uint8), "label": y}
-    out["train_step"] = memory_of(xla.jit(step, donate_argnums=(0,)), state, batch, key)
-    print(f"  {name} train_step: {out['train_step']['total_gb']:.2f} GB", flush=True)
+    if "train_step" in rows:
+        from experiments.configs import pgd_at as pgd_at_config
+        config = pgd_at_config.get_config("paper")
+        tx = make_optimizer(config.optimizer, 390, config.train.epochs)
+        state = jax.eval_shape(lambda p, s: create_train_state(p, s, tx, jax.random.PRNGKey(1)), params, model_state)
+        step = pgd_at.make_step(config, apply_fn, tx)
+        batch = {"image": jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.uint8), "label": y}
+        out["train_step"] = memory_of(xla.jit(step, donate_argnums=(0,)), state, batch, key)
+        print(f"  {name} train_step: {out['train_step']['total_gb']:.2f} GB", flush=True)
 
     cfg = F.AverageCaseConfig(samples=samples, batch_size=batch_size)
     static, xi = F._static_config(cfg)
     for strategy, k in (("vmap", samples), ("chunked", chunk), ("loop", 1)):
+        if f"flatness_avg_{strategy}" not in rows:
+            continue
         # the attack program on the perturbed weights (the sampler is a separate, much smaller program)
         units = jax.ShapeDtypeStruct((k,), jnp.int32)
         vectorize = strategy != "loop"
@@ -90,17 +96,19 @@ def rows_for(name: str, batch_size: int, samples: int, chunk: int) -> dict:
             F._avg_unit_weights_jit, static, vectorize, xi, params, key, units, 0)["total_gb"]
         print(f"  {name} flatness_avg_{strategy} (K={k} per call): "
               f"{out[f'flatness_avg_{strategy}']['total_gb']:.2f} GB", flush=True)
-    wcfg = F.WorstCaseConfig(batch_size=batch_size)
-    static, xi = F._static_config(wcfg)
-    units = jax.ShapeDtypeStruct((1,), jnp.int32)
-    out["flatness_worst_loop"] = memory_of(F._worst_units_jit, logits_fn, static, False, xi, params, model_state,
-                                           key, units, 0, x, y, mask)
-    print(f"  {name} flatness_worst_loop: {out['flatness_worst_loop']['total_gb']:.2f} GB", flush=True)
+    if "flatness_worst_loop" in rows:
+        wcfg = F.WorstCaseConfig(batch_size=batch_size)
+        static, xi = F._static_config(wcfg)
+        units = jax.ShapeDtypeStruct((1,), jnp.int32)
+        out["flatness_worst_loop"] = memory_of(F._worst_units_jit, logits_fn, static, False, xi, params,
+                                               model_state, key, units, 0, x, y, mask)
+        print(f"  {name} flatness_worst_loop: {out['flatness_worst_loop']['total_gb']:.2f} GB", flush=True)
 
-    selected, rest = jax.eval_shape(lambda p: hessian.split_params(p), params)
-    v = jax.ShapeDtypeStruct((int(sum(np.prod(a.shape) for a in jax.tree.leaves(selected))),), jnp.float32)
-    out["hvp"] = memory_of(hessian._hvp_jit, logits_fn, selected, rest, model_state, x, y, mask, v)
-    print(f"  {name} hvp: {out['hvp']['total_gb']:.2f} GB", flush=True)
+    if "hvp" in rows:
+        selected, rest = jax.eval_shape(lambda p: hessian.split_params(p), params)
+        v = jax.ShapeDtypeStruct((int(sum(np.prod(a.shape) for a in jax.tree.leaves(selected))),), jnp.float32)
+        out["hvp"] = memory_of(hessian._hvp_jit, logits_fn, selected, rest, model_state, x, y, mask, v)
+        print(f"  {name} hvp: {out['hvp']['total_gb']:.2f} GB", flush=True)
     return out
 
 
@@ -110,8 +118,12 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--samples", type=int, default=10, help="K weight samples (vmap row)")
     ap.add_argument("--chunk-size", type=int, default=2)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--out", default="benchmarks/results/memory.json")
     args = ap.parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    if any(r not in ROWS for r in rows):
+        raise SystemExit(f"unknown rows {[r for r in rows if r not in ROWS]}; choose from {', '.join(ROWS)}")
     result = {"meta": {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "backend": jax.default_backend(), "device": str(jax.devices()[0]),
                        "platform": platform.platform(), "jax": jax.__version__, "batch_size": args.batch_size,
@@ -120,7 +132,7 @@ def main(argv=None):
               "models": {}}
     for name in args.models.split(","):
         print(f"{name} ...", flush=True)
-        result["models"][name] = rows_for(name, args.batch_size, args.samples, args.chunk_size)
+        result["models"][name] = rows_for(name, args.batch_size, args.samples, args.chunk_size, rows)
     atomic_write_json(args.out, result, indent=1)  # creates the directory
     print(f"wrote {args.out}")
     return result
