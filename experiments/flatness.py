@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average-case nu: in the ball (paper, default) or on the sphere (code)")
     p.add_argument("--granularity", choices=("layer", "filter", "global"), default="layer")
     p.add_argument("--strategy", choices=("loop", "chunked", "vmap"), default=None,
-                   help="how the samples are evaluated (default: loop on CPU, chunked elsewhere)")
+                   help="how the samples are evaluated (default: loop, measured fastest for ResNet-18 on "
+                        "CPU and GPU; vmap is faster for small models on a GPU)")
     p.add_argument("--chunk-size", type=int, default=2)
     p.add_argument("--name", default=None, help="output file name (without .json)")
     p.add_argument("--fresh", action="store_true", help="ignore finished and partial results")
