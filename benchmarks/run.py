@@ -644,7 +644,8 @@ def run_row(s: Setup, row: str, repeats: int, warmup: int, with_torch: bool, swi
     inner = {v.name: 1 for v in variants}
     if min_time > 0:
         for v in variants:
-            inner[v.name] = max(1, min(1000, math.ceil(min_time / max(_timed(v.call), 1e-6))))
+            if not light[v.name]:  # a light warm-up stands for a call too long to repeat (and to calibrate with)
+                inner[v.name] = max(1, min(1000, math.ceil(min_time / max(_timed(v.call), 1e-6))))
 
     def sample(v):
         t = time.perf_counter()

@@ -34,9 +34,10 @@ def test_run_writes_valid_json(tmp_path):
         assert np.isclose(v["gflops"], row["gflop_per_call"] / v["median_s"])
     assert np.isclose(row["gflop_per_call"], 2 * 2 * 0.025003264 * 8)
     # --min-time: a PGD step on 8 images takes milliseconds, so each sample averages several back-to-back calls;
-    # the 100-iteration APGD call is long enough on its own
+    # rows warmed up lightly (APGD here) are long calls: timed one at a time
     assert meta["min_time_s"] == 0.5
     assert all(v["calls_per_sample"] > 1 for v in row["variants"].values())
+    assert all(v["calls_per_sample"] == 1 for v in apgd_row["variants"].values())
     # the switch really changes the compiled program: with it off every convolution runs in YNNPACK
     on, off = row["variants"]["jax"]["ynn"], row["variants"]["jax_switch_off"]["ynn"]
     assert off["convolutions"] > 0 and off["in_ynnpack"] == off["convolutions"]
