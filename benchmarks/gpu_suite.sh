@@ -6,11 +6,12 @@
 #
 # Steps, in order of value: a smoke run of the tiny training preset (stops the run if the stack is broken), the
 # benchmark suite against PyTorch on CUDA (both models, every row, bfloat16 variant of the AT step), average-case
-# flatness at the issue's size with the three K-strategies (small CNN), a short ResNet-18 PGD-AT run on real CIFAR-10
-# (DATA; 2 epochs of 100 steps, so the second epoch's images/s is free of compilation), the paper's full
+# flatness at the issue's size with the K-strategies (small CNN, then ResNet-18), a short ResNet-18 PGD-AT run on
+# real CIFAR-10 (DATA; 2 epochs of 100 steps, so the second epoch's images/s is free of compilation), the paper's full
 # average-case measure on its snapshot, and XLA's buffer plan for ResNet-18 flatness.
-# Results in OUT: suite.log (all output), bench.json, flatness_speed.json, train_metrics.jsonl, flatness_avg.json,
-# memory.json.
+# Results in OUT: suite.log (all output), bench.json, flatness_speed.json, strategies_resnet18.json,
+# train_metrics.jsonl, flatness_avg.json, memory.json. Measured on one H200 (benchmarks/README.md, section GPU):
+# the whole run takes ~10 min there.
 set -u
 OUT=${OUT:?set OUT to a results folder}
 BUDGET=${BUDGET_S:-560}
@@ -62,19 +63,24 @@ if [ -n "$DATA" ]; then  # decode the images in the background (16 cores; the be
   if [ -f "$DATA" ]; then
     DATA_DIR=/tmp/gpu_suite_data; mkdir -p "$DATA_DIR"; tar xzf "$DATA" -C "$DATA_DIR"
   fi
-  JAX_PLATFORMS=cpu "$PY" -c "from robust_flat.data import load_local as l; [print(s, l('$DATA_DIR', s)[0].shape) for s in ('train', 'test')]" \
-    >>"$LOG" 2>&1 &
+  JAX_PLATFORMS=cpu "$PY" -c "from robust_flat.data import load_local as l
+for s in ('train', 'test'): print(s, l('$DATA_DIR', s)[0].shape)" >>"$LOG" 2>&1 &
 fi
 
 rm -rf /tmp/gpu_suite_tiny
-step smoke 90 "$PY" -m experiments.cifar10_at --config=experiments/configs/pgd_at.py:tiny --run-dir /tmp/gpu_suite_tiny \
-  --no-progress --config.train.epochs=1 || { say "smoke run failed: stopping"; tail -n 40 "$LOG"; exit 3; }
+step smoke 90 "$PY" -m experiments.cifar10_at --config=experiments/configs/pgd_at.py:tiny \
+  --run-dir /tmp/gpu_suite_tiny --no-progress --config.train.epochs=1 ||
+  { say "smoke run failed: stopping"; tail -n 40 "$LOG"; exit 3; }
 
-step bench 250 "$PY" -m benchmarks.run --models small_cnn,resnet18 --skip none --repeats 3 --bf16 --out "$OUT/bench.json"
+step bench 250 "$PY" -m benchmarks.run --models small_cnn,resnet18 --skip none --repeats 3 --bf16 \
+  --out "$OUT/bench.json"
 grep -E "^(model|small_cnn|resnet18|#)" "$LOG" | tail -n 20
 
 step flatness_speed 80 "$PY" -m benchmarks.flatness_speed --samples 10 --n 1000 --rounds 2 --strategy-n 128 \
-  --strategy-samples 10 --strategy-chunk 5 --strategy-rounds 2 --out "$OUT/flatness_speed.json"
+  --strategy-samples 10 --strategy-chunks 2,5 --strategy-rounds 3 --out "$OUT/flatness_speed.json"
+step strategies_resnet18 150 "$PY" -m benchmarks.flatness_speed --skip-comparison --strategy-model resnet18 \
+  --strategy-n 128 --strategy-samples 10 --strategy-chunks 2,5 --strategy-rounds 3 \
+  --out "$OUT/strategies_resnet18.json"
 
 if [ -n "$DATA" ]; then
   wait
@@ -82,11 +88,11 @@ if [ -n "$DATA" ]; then
   step train 130 "$PY" -m experiments.cifar10_at --config=experiments/configs/pgd_at.py --data-dir "$DATA_DIR" \
     --run-dir /tmp/gpu_suite_rn18 --config.train.epochs=2 --config.data.train_examples=12800 --no-progress
   cp /tmp/gpu_suite_rn18/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null
-  step flatness_cli 80 "$PY" -m experiments.flatness --run-dir /tmp/gpu_suite_rn18 --measure avg --data-dir "$DATA_DIR" \
-    --no-progress
+  step flatness_cli 80 "$PY" -m experiments.flatness --run-dir /tmp/gpu_suite_rn18 --measure avg \
+    --data-dir "$DATA_DIR" --no-progress
   cp /tmp/gpu_suite_rn18/flatness/avg_*.json "$OUT/flatness_avg.json" 2>/dev/null
 fi
 
-step memory 120 "$PY" -m benchmarks.memory --models resnet18 --rows flatness_avg_vmap,flatness_avg_chunked,train_step \
-  --out "$OUT/memory.json"
+step memory 120 "$PY" -m benchmarks.memory --models resnet18 \
+  --rows flatness_avg_vmap,flatness_avg_chunked,train_step --out "$OUT/memory.json"
 say "== done at ${SECONDS} s"
