@@ -172,7 +172,7 @@ def compare_strategies(args, result):
     xs = rng.uniform(0, 1, (args.strategy_n, 32, 32, 3)).astype(np.float32)
     ys = rng.integers(0, 10, args.strategy_n).astype(np.int32)
     strategies = {"loop": jax_config(args.strategy_samples, args.strategy_n, "loop")}
-    for c in (int(v) for v in args.strategy_chunks.split(",") if v):
+    for c in args.strategy_chunks:
         strategies[f"chunked({c})"] = jax_config(args.strategy_samples, args.strategy_n, "chunked", c)
     strategies["vmap"] = jax_config(args.strategy_samples, args.strategy_n, "vmap")
     first, times, values = {}, {k: [] for k in strategies}, {}
@@ -215,6 +215,12 @@ def main(argv=None):
                    help="auto: CUDA when JAX runs on a GPU (cuDNN autotuning on)")
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = p.parse_args(argv)
+    try:
+        args.strategy_chunks = [int(v) for v in args.strategy_chunks.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--strategy-chunks: comma list of positive integers, got {args.strategy_chunks!r}")
+    if any(c < 1 for c in args.strategy_chunks):
+        p.error(f"--strategy-chunks: chunk sizes must be >= 1, got {args.strategy_chunks}")
     result = {} if args.skip_comparison else compare_frameworks(args)
     if not args.skip_strategies:
         compare_strategies(args, result)
