@@ -1,14 +1,17 @@
-"""How to loop APGD's iterations on XLA:CPU: first-call (compile) time and run time per loop mode.
+"""How to loop APGD's iterations on the backend at hand: first-call (compile) time and run time per loop mode.
 
-``python -m benchmarks.apgd_loop [--batch 64] [--n-iter 20] [--modes scan:1,scan:20,host:1,host:5] [--repeats 2]``
-Small CNN (default size), APGD-CE, L-inf 8/255, random inputs. ``scan:U`` = one program, ``lax.scan`` with unroll U;
-``host:K`` = Python loop over compiled chunks of K unrolled iterations. Modes are timed round-robin (interleaved)
-to spread the machine's noise; results must be identical across modes (checked).
+``python -m benchmarks.apgd_loop [--model small_cnn|resnet18] [--batch 64] [--n-iter 20]
+[--modes scan:1,scan:20,host:1,host:5] [--repeats 2] [--out FILE.json]``
+Small CNN (default) or ResNet-18, APGD-CE, L-inf 8/255, random inputs. ``scan:U`` = one program, ``lax.scan``
+with unroll U; ``host:K`` = Python loop over compiled chunks of K unrolled iterations. Modes are timed round-robin
+(interleaved) to spread the machine's noise; results must be identical across modes (checked).
 """
 from __future__ import annotations
 
 import argparse
 import time
+
+from robust_flat.io import atomic_write_json
 
 import jax
 import numpy as np
@@ -23,8 +26,10 @@ def main():
     ap.add_argument("--n-iter", type=int, default=20)
     ap.add_argument("--modes", default="scan:1,scan:20,host:1,host:5")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--model", default="small_cnn", choices=("small_cnn", "resnet18"))
+    ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = ap.parse_args()
-    model = create_model("small_cnn")
+    model = create_model(args.model)
     params, state = init_model(model, jax.random.key(0))
     f = bind(make_logits_fn(model), params, state)
     x = jax.random.uniform(jax.random.key(1), (args.batch, 32, 32, 3))
@@ -43,6 +48,12 @@ def main():
             jax.block_until_ready(apgd(f, x, y, key, cfg))
             times[mode].append(time.perf_counter() - t)
     ref = next(iter(outs.values()))
+    result = {"model": args.model, "batch": args.batch, "n_iter": args.n_iter, "backend": jax.default_backend(),
+              "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "modes": {m: {"first_call_s": first[m], "median_s": float(np.median(times[m])), "times_s": times[m],
+                            "same_result": bool(np.allclose(outs[m], ref, atol=1e-6))} for m in configs}}
+    if args.out:
+        atomic_write_json(args.out, result, indent=1)
     for mode in configs:
         print(f"{mode:>8}: first call (compile + run) {first[mode]:6.1f} s, run median {np.median(times[mode]):6.2f} s "
               f"(min {min(times[mode]):.2f}, {len(times[mode])} runs), same result: "

@@ -2,16 +2,20 @@
 # The GPU checks in one time-boxed run, for a GPU machine that is lent for minutes (each step is cut off when the
 # budget runs out; every result file is written as soon as its step ends).
 #
-#   OUT=results/gpu BUDGET_S=560 [DATA=path/to/cifar10-jpeg.tar.gz | path/to/cifar10-dir] bash benchmarks/gpu_suite.sh
+#   OUT=results/gpu BUDGET_S=560 [DATA=path/to/cifar10-jpeg.tar.gz | path/to/cifar10-dir] [SKIP="bench memory"] \
+#     bash benchmarks/gpu_suite.sh
+#
+# SKIP names steps not to run (those already measured: see benchmarks/README.md, section GPU).
 #
 # Steps, in order of value: a smoke run of the tiny training preset (stops the run if the stack is broken), the
 # benchmark suite against PyTorch on CUDA (both models, every row, bfloat16 variant of the AT step), average-case
 # flatness at the issue's size with the K-strategies (small CNN, then ResNet-18), a short ResNet-18 PGD-AT run on
 # real CIFAR-10 (DATA; 2 epochs of 100 steps, so the second epoch's images/s is free of compilation), the paper's full
-# average-case measure on its snapshot, and XLA's buffer plan for ResNet-18 flatness.
-# Results in OUT: suite.log (all output), bench.json, flatness_speed.json, strategies_resnet18.json,
-# train_metrics.jsonl, flatness_avg.json, memory.json. Measured on one H200 (benchmarks/README.md, section GPU):
-# the whole run takes ~10 min there.
+# average-case measure on its snapshot, XLA's buffer plan for ResNet-18 flatness, and the attack loop modes on
+# ResNet-18 (PGD unrolled vs rolled, APGD scan vs host loop: the GPU defaults, unrolled PGD and scanned APGD, are
+# not measured yet). Results in OUT: suite.log (all output), bench.json, flatness_speed.json,
+# strategies_resnet18.json, train_metrics.jsonl, flatness_avg.json, memory.json, loops.json (at most 8 files, as
+# the device tool returns). On one H200 the steps up to memory took 467 s plus 147 s for the ResNet-18 strategies.
 set -u
 OUT=${OUT:?set OUT to a results folder}
 BUDGET=${BUDGET_S:-560}
@@ -27,6 +31,7 @@ say() { echo "$*" | tee -a "$LOG"; }
 step() {
   local name=$1 want=$2
   shift 2
+  case " ${SKIP:-} " in *" $name "*) say "== $name: skipped (SKIP)"; return 0 ;; esac
   local left=$((BUDGET - SECONDS - 15))
   if ((left < 25)); then say "== $name: skipped, ${left} s of the budget left"; return 124; fi
   ((want > left)) && want=$left
@@ -95,4 +100,15 @@ fi
 
 step memory 120 "$PY" -m benchmarks.memory --models resnet18 \
   --rows flatness_avg_vmap,flatness_avg_chunked,train_step --out "$OUT/memory.json"
+rm -f /tmp/gpu_suite_pgd_loop.json /tmp/gpu_suite_apgd_loop.json
+step pgd_loop 120 "$PY" -m benchmarks.pgd_loop --model resnet18 --batch 128 --steps 7,20 --repeats 3 \
+  --out /tmp/gpu_suite_pgd_loop.json
+step apgd_loop 120 "$PY" -m benchmarks.apgd_loop --model resnet18 --batch 128 --n-iter 100 \
+  --modes scan:1,scan:4,host:5 --repeats 3 --out /tmp/gpu_suite_apgd_loop.json
+"$PY" - "$OUT/loops.json" <<'EOF'  # one file for both (the device tool returns at most 8)
+import json, os, sys
+out = {k: json.load(open(p)) for k, p in (("pgd", "/tmp/gpu_suite_pgd_loop.json"),
+                                          ("apgd", "/tmp/gpu_suite_apgd_loop.json")) if os.path.exists(p)}
+json.dump(out, open(sys.argv[1], "w"), indent=1)
+EOF
 say "== done at ${SECONDS} s"
