@@ -11,13 +11,38 @@ from __future__ import annotations
 import argparse
 import time
 
-from robust_flat.io import atomic_write_json
-
 import jax
 import numpy as np
 
 from robust_flat.attacks.apgd import APGDConfig, apgd
+from robust_flat.io import atomic_write_json
 from robust_flat.models import bind, create_model, init_model, make_logits_fn
+
+
+def random_setup(model_name: str, batch: int):
+    """``(f, x, y, key)``: the model at its init weights bound to a logits function, a random batch, a key."""
+    model = create_model(model_name)
+    params, state = init_model(model, jax.random.key(0))
+    f = bind(make_logits_fn(model), params, state)
+    x = jax.random.uniform(jax.random.key(1), (batch, 32, 32, 3))
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+    return f, x, y, jax.random.key(3)
+
+
+def time_modes(attack, configs: dict, repeats: int, *args):
+    """``attack(*args, config)`` per named config: first call (compile + run) and ``repeats`` round-robin runs.
+    Returns ``(outputs as numpy, first-call seconds, run seconds lists)``, each keyed by name."""
+    first, times, outs = {}, {name: [] for name in configs}, {}
+    for name, cfg in configs.items():
+        t = time.perf_counter()
+        outs[name] = np.asarray(attack(*args, cfg))
+        first[name] = time.perf_counter() - t
+    for _ in range(repeats):
+        for name, cfg in configs.items():
+            t = time.perf_counter()
+            jax.block_until_ready(attack(*args, cfg))
+            times[name].append(time.perf_counter() - t)
+    return outs, first, times
 
 
 def main():
@@ -29,24 +54,12 @@ def main():
     ap.add_argument("--model", default="small_cnn", choices=("small_cnn", "resnet18"))
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = ap.parse_args()
-    model = create_model(args.model)
-    params, state = init_model(model, jax.random.key(0))
-    f = bind(make_logits_fn(model), params, state)
-    x = jax.random.uniform(jax.random.key(1), (args.batch, 32, 32, 3))
-    y = jax.random.randint(jax.random.key(2), (args.batch,), 0, 10)
-    key = jax.random.key(3)
-    configs, first, times, outs = {}, {}, {}, {}
+    f, x, y, key = random_setup(args.model, args.batch)
+    configs = {}
     for mode in args.modes.split(","):
         loop, k = mode.split(":")
         configs[mode] = APGDConfig(n_iter=args.n_iter, unroll=int(k), loop=loop)
-        t = time.perf_counter()
-        outs[mode] = np.asarray(apgd(f, x, y, key, configs[mode]))
-        first[mode], times[mode] = time.perf_counter() - t, []
-    for _ in range(args.repeats):
-        for mode, cfg in configs.items():
-            t = time.perf_counter()
-            jax.block_until_ready(apgd(f, x, y, key, cfg))
-            times[mode].append(time.perf_counter() - t)
+    outs, first, times = time_modes(apgd, configs, args.repeats, f, x, y, key)
     ref = next(iter(outs.values()))
     result = {"model": args.model, "batch": args.batch, "n_iter": args.n_iter, "backend": jax.default_backend(),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__,

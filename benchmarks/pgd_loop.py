@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import numpy as np
 
+from benchmarks.apgd_loop import random_setup, time_modes
 from robust_flat.attacks.pgd import PGDConfig, pgd
 from robust_flat.io import atomic_write_json
-from robust_flat.models import bind, create_model, init_model, make_logits_fn
 
 
 def main(argv=None):
@@ -35,29 +34,15 @@ def main(argv=None):
         steps = [int(s) for s in args.steps.split(",") if s.strip()]
     except ValueError:
         ap.error(f"--steps: comma list of integers, got {args.steps!r}")
-    model = create_model(args.model)
-    params, state = init_model(model, jax.random.key(0))
-    f = bind(make_logits_fn(model), params, state)
-    x = jax.random.uniform(jax.random.key(1), (args.batch, 32, 32, 3))
-    y = jax.random.randint(jax.random.key(2), (args.batch,), 0, 10)
-    key = jax.random.key(3)
+    f, x, y, key = random_setup(args.model, args.batch)
     configs = {f"pgd{s}_{'unrolled' if u else 'rolled'}": PGDConfig(steps=s, unroll=u) for s in steps
                for u in (True, False)}
-    first, times, outs = {}, {k: [] for k in configs}, {}
-    for name, cfg in configs.items():
-        t = time.perf_counter()
-        outs[name] = np.asarray(pgd(f, x, y, key, cfg))
-        first[name] = time.perf_counter() - t
-    for _ in range(args.repeats):
-        for name, cfg in configs.items():
-            t = time.perf_counter()
-            jax.block_until_ready(pgd(f, x, y, key, cfg))
-            times[name].append(time.perf_counter() - t)
+    outs, first, times = time_modes(pgd, configs, args.repeats, f, x, y, key)
     result = {"model": args.model, "batch": args.batch, "backend": jax.default_backend(),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "modes": {}}
     for name in configs:
-        twin = name.replace("_unrolled", "_rolled") if name.endswith("_unrolled") else name.replace("_rolled",
-                                                                                                   "_unrolled")
+        steps_name, mode = name.rsplit("_", 1)
+        twin = f"{steps_name}_{'rolled' if mode == 'unrolled' else 'unrolled'}"
         same = float(np.mean(np.abs(outs[name] - outs[twin]) < 1e-6))
         result["modes"][name] = {"first_call_s": first[name], "median_s": statistics.median(times[name]),
                                  "times_s": times[name], "share_equal_to_other_mode": same}
