@@ -146,9 +146,12 @@ def normalize_gradient(g, norm: str):
 
 def init_delta(key, x, eps: float, norm: str, kind: str):
     """Random start. ``uniform_norm`` (paper/code): eps * u * g / ||g|| with g ~ N(0, I), u ~ U[0, 1] per example;
-    ``uniform``: U[-eps, eps]^D for L-inf (Madry et al.), uniform in the ball for L2; ``zero``: no random start."""
+    ``uniform``: U[-eps, eps]^D for L-inf (Madry et al.), uniform in the ball for L2; ``small_normal``: 0.001 * N(0, I)
+    whatever eps (the original TRADES attack, Zhang et al. 2019); ``zero``: no random start."""
     if kind == "zero":
         return jnp.zeros_like(x)
+    if kind == "small_normal":
+        return 0.001 * jax.random.normal(key, x.shape, x.dtype)
     kg, ku = jax.random.split(key)
     if kind == "uniform" and norm == "linf":
         return jax.random.uniform(kg, x.shape, x.dtype, -eps, eps)
@@ -158,5 +161,5 @@ def init_delta(key, x, eps: float, norm: str, kind: str):
     if kind == "uniform":  # uniform in the L2 ball volume
         u = u ** (1.0 / np.prod(x.shape[1:]))
     elif kind != "uniform_norm":
-        raise ValueError(f"unknown initialization {kind!r}; choose uniform_norm, uniform or zero")
+        raise ValueError(f"unknown initialization {kind!r}; choose uniform_norm, uniform, small_normal or zero")
     return eps * _bcast(u, x) * g

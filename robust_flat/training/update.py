@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from robust_flat.attacks.common import cross_entropy
 from robust_flat.training.state import TrainState
 
 
@@ -25,23 +26,34 @@ def apply_gradients(state: TrainState, grads, model_state, tx: optax.GradientTra
                          ema_params=ema)
 
 
-def supervised_update(state: TrainState, x, y, rng, *, apply_fn, tx, ema_decay=None, clip_weights=None):
+def gradient_update(state: TrainState, loss_fn, y, *, tx, ema_decay=None, clip_weights=None, clip_grads=None):
+    """Differentiate ``loss_fn(params) -> (loss, (logits, new_model_state, extra_metrics))`` at ``state.params`` and
+    take one :func:`apply_gradients` step; every method's update goes through here. ``logits`` are those of the
+    examples trained on (``batch_error`` is measured on them against ``y``). ``clip_grads`` clips every gradient
+    element to [-c, c] before the optimizer (AT-AWP's 0.05). Returns ``(state, metrics)``."""
+    (loss, (logits, new_model_state, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    if clip_grads:
+        grads = jax.tree.map(lambda g: jnp.clip(g, -clip_grads, clip_grads), grads)
+    state = apply_gradients(state, grads, new_model_state, tx, ema_decay, clip_weights)
+    # "batch_*": the training batch as trained on (adversarial for PGD-AT, train-mode BN); the trainer's
+    # per-epoch "train_*"/"test_*" metrics are separate evaluations on fixed subsets
+    metrics = {"batch_loss": loss, "batch_error": jnp.mean(jnp.argmax(logits, -1) != y), "grad_norm": grad_norm,
+               **extra}
+    return state, metrics
+
+
+def supervised_update(state: TrainState, x, y, rng, *, apply_fn, tx, ema_decay=None, clip_weights=None,
+                      clip_grads=None):
     """Train-mode forward/backward of the mean cross-entropy on ``(x, y)`` and one :func:`apply_gradients` step.
     Batch-norm statistics are updated by this forward only. Returns ``(state, metrics)``."""
 
     def loss_fn(params):
         logits, new_model_state = apply_fn(params, state.model_state, x, train=True, rng=rng)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        loss = -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
-        return loss, (logits, new_model_state)
+        return jnp.mean(cross_entropy(logits, y)), (logits, new_model_state, {})
 
-    (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = apply_gradients(state, grads, new_model_state, tx, ema_decay, clip_weights)
-    # "batch_*": the training batch as trained on (adversarial for PGD-AT, train-mode BN); the trainer's
-    # per-epoch "train_*"/"test_*" metrics are separate evaluations on fixed subsets
-    metrics = {"batch_loss": loss, "batch_error": jnp.mean(jnp.argmax(logits, -1) != y),
-               "grad_norm": optax.tree.norm(grads)}
-    return state, metrics
+    return gradient_update(state, loss_fn, y, tx=tx, ema_decay=ema_decay, clip_weights=clip_weights,
+                           clip_grads=clip_grads)
 
 
 def prepare_images(batch, rng, augment: bool):
