@@ -12,13 +12,14 @@ import optax
 import pytest
 
 from experiments.configs import awp as awp_config
+from experiments.configs import entropy_sgd as esgd_config
 from experiments.configs import mart as mart_config
 from experiments.configs import trades as trades_config
 from robust_flat import xla
 from robust_flat.attacks.common import kl_from_clean
 from robust_flat.attacks.pgd import PGDConfig
 from robust_flat.models import create_model, make_apply_fn
-from robust_flat.training import awp, make_step, mart, pgd_at, trades
+from robust_flat.training import awp, entropy_sgd, make_step, mart, pgd_at, trades
 from robust_flat.training.state import create_train_state
 from tests.toy_task import _he_init, make_data
 
@@ -177,7 +178,8 @@ def test_awp_update_is_the_clipped_gradient_at_the_normalized_weight_ascent_step
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("module", [trades_config, mart_config, awp_config], ids=["trades", "mart", "awp"])
+@pytest.mark.parametrize("module", [trades_config, mart_config, awp_config, esgd_config],
+                         ids=["trades", "mart", "awp", "entropy_sgd"])
 def test_method_configs_train_one_step(module):
     config = module.get_config("tiny")
     config.attack.steps = 1
@@ -194,3 +196,48 @@ def test_method_configs_train_one_step(module):
     # batch-norm running statistics were updated by the train-mode forwards
     assert any(float(jnp.max(jnp.abs(a - b))) > 0 for a, b in zip(jax.tree.leaves(new_state.model_state),
                                                                    jax.tree.leaves(state.model_state)))
+
+
+def test_entropy_sgd_step_is_the_langevin_loop_of_the_original_optimizer():
+    """L = 2, no noise, SGD(lr) with weight decay: the outer update computed as the original EntropySGD.step does
+    (ucla-vision/entropy-sgd, the released code's port), mini-batch by mini-batch."""
+    apply_fn, params, model_state, _ = _setup(norm="none")
+    x, y = make_data(3 * 4, SIZE, seed=11)
+    batch = {"image": jnp.asarray(np.round(x * 255).astype(np.uint8)), "label": jnp.asarray(y)}
+    x = np.asarray(batch["image"], np.float32) / 255.0  # what the step sees
+    lr, wd, llr, beta1, gamma0, gamma1, t = 0.05, 0.05, 0.1, 0.75, 0.3, 0.5, 3  # large wd, gamma: visible
+    tx = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr))
+    state = create_train_state(params, model_state, tx, jax.random.PRNGKey(0)).replace(step=jnp.asarray(t))
+    attack = PGDConfig(init="zero", steps=2)
+    step = xla.jit(lambda s, b, k: entropy_sgd.train_step(
+        s, b, k, apply_fn=apply_fn, tx=tx, attack=attack, L=2, gamma0=gamma0, gamma1=gamma1, langevin_lr=llr,
+        beta1=beta1, noise=0.0, weight_decay=wd, augment=False))
+    new_state, metrics = step(state, batch, jax.random.PRNGKey(1))
+
+    @jax.jit
+    def grad_on(w, xi, yi):
+        xa = pgd_at.adversarial_batch(state.replace(params=w), xi, yi, jax.random.PRNGKey(0), apply_fn=apply_fn,
+                                      attack=attack, fraction=1.0)
+        return jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            apply_fn(p, model_state, xa, train=True)[0], yi).mean())(w)
+
+    g = gamma0 * (1 + gamma1) ** t
+    wc = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params.items()}
+    w = {k: {n: v.copy() for n, v in d.items()} for k, d in wc.items()}
+    mw = {k: {n: v.copy() for n, v in d.items()} for k, d in wc.items()}
+    for i in (1, 2):  # mini-batch 0 only reports the loss at w
+        grads = grad_on(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), w), x[4 * i:4 * (i + 1)],
+                        y[4 * i:4 * (i + 1)])
+        for k in w:
+            for n in w[k]:
+                dw = np.asarray(grads[k][n], np.float64) + wd * w[k][n]
+                dw = dw - g * (wc[k][n] - w[k][n])
+                w[k][n] = w[k][n] - llr * dw
+                mw[k][n] = beta1 * mw[k][n] + (1 - beta1) * w[k][n]
+    for k in wc:
+        for n in wc[k]:
+            dw = (wc[k][n] - mw[k][n]) + wd * wc[k][n]
+            np.testing.assert_allclose(np.asarray(new_state.params[k][n]), wc[k][n] - lr * dw, rtol=1e-5,
+                                       atol=1e-7, err_msg=f"{k}/{n}")
+    np.testing.assert_allclose(float(metrics["gamma"]), g, rtol=1e-6)
+    assert int(new_state.step) == t + 1

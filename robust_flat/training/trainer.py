@@ -171,7 +171,8 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
 
     prepare_run_dir(run_dir, config, write=primary)
     x_train, y_train, x_test, y_test = load_data(config, log)
-    bs = config.train.batch_size
+    # a step may consume several mini-batches (Entropy-SGD: L + 1); the step function receives them as one batch
+    bs = config.train.batch_size * int(config.train.get("batches_per_step", 1))
     n_dev = jax.device_count()
     if bs % n_dev:
         raise TrainingError(f"batch size {bs} is not divisible by the {n_dev} devices"
@@ -209,7 +210,9 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
         running = meta.pop("running", None) or {"sums": {}, "count": 0}
     else:
         log(f"START: {config.method} {config.model.name} {total} steps ({config.train.epochs} epochs x "
-            f"{steps_per_epoch}), batch {bs} on {n_dev} device(s) [{jax.default_backend()}]"
+            f"{steps_per_epoch}), batch {bs}"
+            + (f" ({bs // config.train.batch_size} x {config.train.batch_size})" if bs != config.train.batch_size else "")
+            + f" on {n_dev} device(s) [{jax.default_backend()}]"
             + (f" in {n_proc} processes" if n_proc > 1 else ""))
         if primary:
             _truncate_metrics(metrics_path, 0)
