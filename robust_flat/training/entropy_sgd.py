@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from robust_flat.attacks.common import cross_entropy
 from robust_flat.attacks.pgd import PGDConfig
@@ -85,7 +86,7 @@ def train_step(state, batch, rng, *, apply_fn, tx, attack: PGDConfig, L: int, ga
     new_state = apply_gradients(state, grads, model_state, tx, ema_decay, clip_weights)
     metrics = {"batch_loss": jnp.mean(cross_entropy(logits0, y0)),
                "batch_error": jnp.mean(jnp.argmax(logits0, -1) != y0),
-               "grad_norm": jnp.sqrt(sum(jnp.sum(d * d) for d in jax.tree.leaves(grads))),
+               "grad_norm": optax.tree.norm(grads),
                "batch_langevin_loss": jnp.mean(jnp.stack(inner_losses)), "gamma": gamma}
     return new_state, metrics
 
