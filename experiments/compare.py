@@ -79,6 +79,8 @@ def collect(run_dir: str) -> dict[int, dict]:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     raise CompareError(f"{metrics}: line {i + 1} is not JSON") from None
+                if not isinstance(rec, dict) or rec.get("epoch") is None:
+                    raise CompareError(f"{metrics}: line {i + 1} has no epoch; is this a training run's metrics?")
                 row = rows.setdefault(int(rec["epoch"]), {})
                 for k in ("test_robust_loss", "test_robust_error", "train_robust_loss", "test_error"):
                     if k in rec:

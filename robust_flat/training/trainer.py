@@ -172,7 +172,11 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
     prepare_run_dir(run_dir, config, write=primary)
     x_train, y_train, x_test, y_test = load_data(config, log)
     # a step may consume several mini-batches (Entropy-SGD: L + 1); the step function receives them as one batch
-    bs = config.train.batch_size * int(config.train.get("batches_per_step", 1))
+    per_step = int(config.train.get("batches_per_step", 1))
+    if per_step < 1 or config.train.batch_size < 1:
+        raise TrainingError(f"train.batch_size ({config.train.batch_size}) and train.batches_per_step ({per_step}) "
+                            "must be >= 1")
+    bs = config.train.batch_size * per_step
     n_dev = jax.device_count()
     if bs % n_dev:
         raise TrainingError(f"batch size {bs} is not divisible by the {n_dev} devices"

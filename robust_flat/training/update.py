@@ -43,8 +43,7 @@ def gradient_update(state: TrainState, loss_fn, y, *, tx, ema_decay=None, clip_w
     return state, metrics
 
 
-def supervised_update(state: TrainState, x, y, rng, *, apply_fn, tx, ema_decay=None, clip_weights=None,
-                      clip_grads=None):
+def supervised_update(state: TrainState, x, y, rng, *, apply_fn, tx, ema_decay=None, clip_weights=None):
     """Train-mode forward/backward of the mean cross-entropy on ``(x, y)`` and one :func:`apply_gradients` step.
     Batch-norm statistics are updated by this forward only. Returns ``(state, metrics)``."""
 
@@ -52,8 +51,7 @@ def supervised_update(state: TrainState, x, y, rng, *, apply_fn, tx, ema_decay=N
         logits, new_model_state = apply_fn(params, state.model_state, x, train=True, rng=rng)
         return jnp.mean(cross_entropy(logits, y)), (logits, new_model_state, {})
 
-    return gradient_update(state, loss_fn, y, tx=tx, ema_decay=ema_decay, clip_weights=clip_weights,
-                           clip_grads=clip_grads)
+    return gradient_update(state, loss_fn, y, tx=tx, ema_decay=ema_decay, clip_weights=clip_weights)
 
 
 def prepare_images(batch, rng, augment: bool):
