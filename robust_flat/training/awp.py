@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from robust_flat.attacks.common import cross_entropy
 from robust_flat.attacks.pgd import PGDConfig
 from robust_flat.training.pgd_at import adversarial_batch, attack_config
-from robust_flat.training.update import gradient_update, prepare_images
+from robust_flat.training.update import gradient_update, prepare_images, step_options
 from robust_flat.weights import neighbourhood as nbh
 from robust_flat.weights.adversarial import WeightAttackConfig, weight_attack
 from robust_flat.weights.selection import DEFAULT_EXCLUDE, LayerSelection, check_selects_something
@@ -99,6 +99,4 @@ def make_step(config, apply_fn, tx):
                                           bool(config.attack.unroll)) if a.xi > 0 else None)
     return functools.partial(train_step, apply_fn=apply_fn, tx=tx, attack=attack_config(config), weights=weights,
                              grad_clip=float(a.grad_clip), loss_threshold=float(a.loss_threshold),
-                             augment=config.data.augment,
-                             ema_decay=config.ema.decay if config.ema.enabled else None,
-                             clip_weights=config.train.clip_weights or None)
+                             **step_options(config))

@@ -5,7 +5,7 @@ import functools
 
 import jax
 
-from robust_flat.training.update import prepare_images, supervised_update
+from robust_flat.training.update import prepare_images, step_options, supervised_update
 
 
 def train_step(state, batch, rng, *, apply_fn, tx, augment=True, ema_decay=None, clip_weights=None):
@@ -16,6 +16,4 @@ def train_step(state, batch, rng, *, apply_fn, tx, augment=True, ema_decay=None,
 
 
 def make_step(config, apply_fn, tx):
-    return functools.partial(train_step, apply_fn=apply_fn, tx=tx, augment=config.data.augment,
-                             ema_decay=config.ema.decay if config.ema.enabled else None,
-                             clip_weights=config.train.clip_weights or None)
+    return functools.partial(train_step, apply_fn=apply_fn, tx=tx, **step_options(config))

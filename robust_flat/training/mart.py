@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from robust_flat.attacks.common import cross_entropy
 from robust_flat.attacks.pgd import PGDConfig
 from robust_flat.training.pgd_at import adversarial_batch, attack_config
-from robust_flat.training.update import gradient_update, prepare_images
+from robust_flat.training.update import (forward_clean_then_adversarial, gradient_update, prepare_images,
+                                         step_options)
 
 
 def mart_objective(clean_logits, adv_logits, y, beta: float):
@@ -43,9 +44,8 @@ def mart_objective(clean_logits, adv_logits, y, beta: float):
 
 
 def mart_loss(params, model_state, x, x_adv, y, rng, *, apply_fn, beta: float):
-    k_clean, k_adv = jax.random.split(rng)
-    clean_logits, model_state = apply_fn(params, model_state, x, train=True, rng=k_clean)
-    adv_logits, model_state = apply_fn(params, model_state, x_adv, train=True, rng=k_adv)
+    clean_logits, adv_logits, model_state = forward_clean_then_adversarial(params, model_state, x, x_adv, rng,
+                                                                           apply_fn=apply_fn)
     loss, boosted, weighted = mart_objective(clean_logits, adv_logits, y, beta)
     metrics = {"batch_boosted_ce": boosted, "batch_weighted_kl": weighted,
                "batch_clean_error": jnp.mean(jnp.argmax(clean_logits, -1) != y)}
@@ -65,6 +65,4 @@ def train_step(state, batch, rng, *, apply_fn, tx, attack: PGDConfig, beta: floa
 
 def make_step(config, apply_fn, tx):
     return functools.partial(train_step, apply_fn=apply_fn, tx=tx, attack=attack_config(config),
-                             beta=float(config.mart.beta), augment=config.data.augment,
-                             ema_decay=config.ema.decay if config.ema.enabled else None,
-                             clip_weights=config.train.clip_weights or None)
+                             beta=float(config.mart.beta), **step_options(config))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from robust_flat.attacks.pgd import PGDConfig, pgd
-from robust_flat.training.update import prepare_images, supervised_update
+from robust_flat.training.update import prepare_images, step_options, supervised_update
 
 
 def attack_config(config) -> PGDConfig:
@@ -46,6 +46,4 @@ def train_step(state, batch, rng, *, apply_fn, tx, attack: PGDConfig, fraction=1
 
 def make_step(config, apply_fn, tx):
     return functools.partial(train_step, apply_fn=apply_fn, tx=tx, attack=attack_config(config),
-                             fraction=config.attack.fraction, augment=config.data.augment,
-                             ema_decay=config.ema.decay if config.ema.enabled else None,
-                             clip_weights=config.train.clip_weights or None)
+                             fraction=config.attack.fraction, **step_options(config))

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from robust_flat.attacks.common import cross_entropy, kl_from_clean
 from robust_flat.attacks.pgd import PGDConfig, pgd
 from robust_flat.training.pgd_at import attack_config
-from robust_flat.training.update import gradient_update, prepare_images
+from robust_flat.training.update import (forward_clean_then_adversarial, gradient_update, prepare_images,
+                                         step_options)
 
 
 def trades_attack(state, x, key, *, apply_fn, attack: PGDConfig):
@@ -40,9 +41,8 @@ def trades_attack(state, x, key, *, apply_fn, attack: PGDConfig):
 def trades_loss(params, model_state, x, x_adv, y, rng, *, apply_fn, beta: float):
     """``(loss, (adversarial logits, new model state, metrics))``: CE on the clean batch + beta x the batch-mean KL
     from the clean to the adversarial prediction, both train-mode forwards differentiated."""
-    k_clean, k_adv = jax.random.split(rng)
-    clean_logits, model_state = apply_fn(params, model_state, x, train=True, rng=k_clean)
-    adv_logits, model_state = apply_fn(params, model_state, x_adv, train=True, rng=k_adv)
+    clean_logits, adv_logits, model_state = forward_clean_then_adversarial(params, model_state, x, x_adv, rng,
+                                                                           apply_fn=apply_fn)
     natural = jnp.mean(cross_entropy(clean_logits, y))
     robust = jnp.mean(kl_from_clean(adv_logits, clean_logits))
     metrics = {"batch_clean_loss": natural, "batch_kl": robust,
@@ -64,6 +64,4 @@ def train_step(state, batch, rng, *, apply_fn, tx, attack: PGDConfig, beta: floa
 def make_step(config, apply_fn, tx):
     attack = dataclasses.replace(attack_config(config), best_iterate=config.trades.best_iterate)
     return functools.partial(train_step, apply_fn=apply_fn, tx=tx, attack=attack, beta=float(config.trades.beta),
-                             augment=config.data.augment,
-                             ema_decay=config.ema.decay if config.ema.enabled else None,
-                             clip_weights=config.train.clip_weights or None)
+                             **step_options(config))

@@ -54,6 +54,22 @@ def supervised_update(state: TrainState, x, y, rng, *, apply_fn, tx, ema_decay=N
     return gradient_update(state, loss_fn, y, tx=tx, ema_decay=ema_decay, clip_weights=clip_weights)
 
 
+def step_options(config) -> dict:
+    """The static options every method's step takes from the config: augmentation, weight averaging (EMA) and
+    weight clipping."""
+    return dict(augment=config.data.augment, ema_decay=config.ema.decay if config.ema.enabled else None,
+                clip_weights=config.train.clip_weights or None)
+
+
+def forward_clean_then_adversarial(params, model_state, x, x_adv, rng, *, apply_fn):
+    """Train-mode forwards on the clean and then the adversarial batch (batch-norm statistics updated by both, in
+    that order; TRADES and MART). Returns ``(clean_logits, adv_logits, new_model_state)``."""
+    k_clean, k_adv = jax.random.split(rng)
+    clean_logits, model_state = apply_fn(params, model_state, x, train=True, rng=k_clean)
+    adv_logits, model_state = apply_fn(params, model_state, x_adv, train=True, rng=k_adv)
+    return clean_logits, adv_logits, model_state
+
+
 def prepare_images(batch, rng, augment: bool):
     """uint8 batch -> float32 in [0, 1], randomly cropped and flipped when ``augment``."""
     from robust_flat.data import augment as augment_fn
