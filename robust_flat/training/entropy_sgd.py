@@ -27,17 +27,18 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from robust_flat.attacks.common import cross_entropy
 from robust_flat.attacks.pgd import PGDConfig
 from robust_flat.training.pgd_at import adversarial_batch, attack_config
-from robust_flat.training.update import apply_gradients, prepare_images
+from robust_flat.training.update import apply_gradients, prepare_images, step_options
 
 
 def _tree_normal(key, tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
+    # one draw for all leaves (as landscape's random directions): each random call compiles for seconds on XLA:CPU
+    flat, unravel = ravel_pytree(tree)
+    return unravel(jax.random.normal(key, flat.shape, flat.dtype))
 
 
 def train_step(state, batch, rng, *, apply_fn, tx, attack: PGDConfig, L: int, gamma0: float, gamma1: float,
@@ -101,6 +102,4 @@ def make_step(config, apply_fn, tx):
     return functools.partial(train_step, apply_fn=apply_fn, tx=tx, attack=attack_config(config), L=int(e.L),
                              gamma0=float(e.gamma0), gamma1=float(e.gamma1), langevin_lr=float(e.langevin_lr),
                              beta1=float(e.beta1), noise=float(e.noise),
-                             weight_decay=float(config.optimizer.weight_decay), augment=config.data.augment,
-                             ema_decay=config.ema.decay if config.ema.enabled else None,
-                             clip_weights=config.train.clip_weights or None)
+                             weight_decay=float(config.optimizer.weight_decay), **step_options(config))
