@@ -108,9 +108,9 @@ def build_table(run_dirs, labels=None) -> list[dict]:
         raise CompareError(f"{len(labels)} labels for {len(run_dirs)} runs")
     table = []
     for label, run_dir in zip(labels, run_dirs):
-        method = _read_json(os.path.join(run_dir, "config.json")).get("method") if os.path.isfile(
-            os.path.join(run_dir, "config.json")) else None
-        for epoch, row in sorted(collect(run_dir).items()):
+        rows = collect(run_dir)  # checks that run_dir is a run directory
+        method = _read_json(os.path.join(run_dir, "config.json")).get("method")
+        for epoch, row in sorted(rows.items()):
             table.append({"run": label, "method": method, "epoch": epoch, **row})
     return table
 
