@@ -215,7 +215,7 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
     else:
         log(f"START: {config.method} {config.model.name} {total} steps ({config.train.epochs} epochs x "
             f"{steps_per_epoch}), batch {bs}"
-            + (f" ({bs // config.train.batch_size} x {config.train.batch_size})" if bs != config.train.batch_size else "")
+            + (f" ({per_step} x {config.train.batch_size})" if per_step > 1 else "")
             + f" on {n_dev} device(s) [{jax.default_backend()}]"
             + (f" in {n_proc} processes" if n_proc > 1 else ""))
         if primary:
