@@ -396,6 +396,8 @@ def describe(column: str) -> str:
     }
     if column in fixed:
         return fixed[column]
+    if column.endswith(" (last - ES)"):
+        return describe(column[:-len(" (last - ES)")]) + ": last minus early-stopped epoch"
     if column.startswith("rerr_autoattack-"):
         return f"RErr, AutoAttack {column[len('rerr_autoattack-'):]} (experiments.evaluate)"
     if column.startswith("rerr_"):
@@ -544,8 +546,8 @@ def correlations(runs: Sequence[Run], table: Sequence[dict], *, n_resamples: int
     out: dict[str, Any] = {
         "settings": {**options, "coefficients": list(stats.COEFFICIENTS),
                      "bootstrap": f"paired resampling of the points, {ci_method} interval (scipy.stats.bootstrap)",
-                     "permutation": "x shuffled against y (scipy.stats.permutation_test, permutation_type="
-                                    "'pairings', two-sided; exact when n! <= resamples)"},
+                     "permutation": "two-sided, x shuffled against y: scipy.stats.permutation_test with "
+                                    "permutation_type='pairings', exact when n! <= resamples"},
         "flatness_columns": {"avg": primary_column(table, "avg"), "worst": primary_column(table, "worst"),
                              "all": robust_flat},
         "all_models": [], "per_run": [], "gap": [], "overfitting": []}
