@@ -1,0 +1,57 @@
+"""The CPU-scale reproduction of the paper's finding (docs/reproduction/REPORT.md), sized for a 2-core machine.
+
+    python -m experiments.grid experiments/grids/cpu.py --data-dir DIR      # DIR: CIFAR-10 (see README "Data")
+    python -m experiments.report runs/grid_cpu --out docs/reproduction
+
+Scale (chosen so that every run with its measurements takes about 10-15 minutes on 2 CPU cores, and AT overfits
+robustly): the small CNN with BN on the first 1,000 CIFAR-10 training images (class-balanced), 30 epochs of the
+paper's recipe (SGD lr 0.05, x0.1 at 40/60/80% of training, PGD-7 at eps 8/255), snapshots every 5 epochs.
+Measures on 500 images instead of 1,000, with fewer samples/restarts than the paper (see ``measures``); the paper's
+full settings are in ``experiments/grids/paper.py``.
+"""
+import ml_collections
+
+
+def get_config():
+    g = ml_collections.ConfigDict()
+    g.name = "cpu"
+    g.description = ("CPU-scale reproduction: small CNN (BN) on 1,000 CIFAR-10 training images, 30 epochs, "
+                     "measures on 500 test/train images")
+    g.root = "runs/grid_cpu"
+    g.preset = "cpu"
+    # applied to every run (a run's own overrides win); nested like the training config
+    g.overrides = {
+        "data": {"train_examples": 1000},
+        "train": {"epochs": 30},
+        "checkpoint": {"snapshot_every": 5, "every_steps": 50},
+        "eval": {"n_examples": 200, "es_restarts": 1},  # per-epoch curves: cheap (snapshots get PGD-20 on 500)
+    }
+    g.runs = [
+        dict(label="at", config="pgd_at", group="AT"),
+        dict(label="at_wd5e-3", config="pgd_at", group="AT wd 5e-3", overrides={"optimizer.weight_decay": 5e-3}),
+        dict(label="trades6", config="trades", group="TRADES"),
+        dict(label="trades1", config="trades", group="TRADES", overrides={"trades.beta": 1.0}),
+        dict(label="mart6", config="mart", group="MART"),
+        dict(label="awp0.01", config="awp", group="AT-AWP"),
+        dict(label="awp0.005", config="awp", group="AT-AWP", overrides={"awp.xi": 0.005}),
+        dict(label="esgd1", config="entropy_sgd", group="Entropy-SGD"),
+    ]
+    g.measures = {
+        # clean and PGD-20 robust loss/error, test and train (robust generalization gap)
+        "rloss": dict(snapshots="all", subsets=("test_first1000", "train_first1000"), n_examples=500,
+                      pgd_steps=20, restarts=1),
+        # average-case flatness of the robust loss (paper: xi 0.5, 10 samples, 1000 images, reference PGD-20x10)
+        "avg": dict(snapshots="all", xi=0.5, samples=4, n_examples=500, pgd_steps=20, reference_restarts=1,
+                    nu_per="dataset"),
+        # worst-case flatness (paper: xi 0.003, 20 iterations, 10 restarts)
+        "worst": dict(snapshots="all", xi=0.003, restarts=1, n_examples=500, pgd_steps=20, reference_restarts=1,
+                      attack_iters=20, nu_per="dataset"),
+        # RErr of the last and the early-stopped model (AutoAttack's APGD-CE + APGD-T)
+        "autoattack": dict(snapshots="last,best", version="fast", n_examples=500, n_iter=100),
+        # 1D robust-loss landscapes along random and adversarial directions
+        "landscape": dict(snapshots="last", runs=("at", "awp0.01", "trades6"), n_examples=100,
+                          directions="random,adversarial", num_directions=2, steps=11),
+    }
+    # dry-run estimates: seconds per (image x forward-backward) of the small CNN on the 2-core development machine
+    g.cost = {"seconds_per_image_grad": 1.0e-3}
+    return g

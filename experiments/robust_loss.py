@@ -1,0 +1,135 @@
+"""Clean and robust loss and error of a snapshot (the paper's RLoss/RErr under PGD):
+``python -m experiments.robust_loss --run-dir RUN --snapshot N|best|last``.
+
+    python -m experiments.robust_loss --run-dir RUN [--snapshot last] [--subset test_first1000] [--n-examples 1000]
+        [--pgd-steps 20] [--restarts 10] [--eps 8/255] [--batch-size 256] [--seed 0] [--data-dir D] [--use-ema]
+
+RLoss is the cross-entropy at the PGD adversarial example (with restarts, the worst restart per example); RErr counts
+an example as wrong when the clean or the adversarial input is misclassified. The paper uses PGD-20 with 10 restarts
+(step 0.007 at eps 8/255, scaled with eps) on the first 1000 test images (``test_first1000``) and the first 1000
+training images (``train_first1000``, for the robust generalization gap). Batch norm runs in eval mode.
+
+Output: ``RUN/evaluations/rloss_pgd{steps}x{restarts}_{subset}_n{N}_{snapshot}.json`` (or ``--name``) with ``clean_loss``,
+``clean_error``, ``robust_loss``, ``robust_error``, the attack and the snapshot's epoch. A finished result with the
+same settings is not recomputed (``--fresh`` recomputes).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.robust_loss", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="training run directory (config.json, checkpoints/)")
+    p.add_argument("--snapshot", default="last", help="epoch number, 'best' or 'last' (default)")
+    p.add_argument("--subset", default="test_first1000", help="test_first1000 (default) or train_first1000, ...")
+    p.add_argument("--n-examples", type=int, default=1000, help="first N examples of the subset")
+    p.add_argument("--pgd-steps", type=int, default=20)
+    p.add_argument("--restarts", type=int, default=10, help="PGD restarts, worst per example (paper: 10)")
+    p.add_argument("--eps", default="8/255", help="L-inf radius, e.g. 8/255 or 0.0314")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--use-ema", action="store_true", help="evaluate the weight-averaged parameters")
+    p.add_argument("--name", default=None, help="output file name (without .json)")
+    p.add_argument("--fresh", action="store_true", help="recompute a finished result")
+    return p
+
+
+def snapshot_tag(snapshot: str, epoch: int) -> str:
+    return f"{snapshot}-ep{epoch}" if snapshot in ("best", "last") else f"ep{snapshot}"
+
+
+def output_name(args, epoch: int) -> str:
+    if args.name:
+        return args.name
+    return (f"rloss_pgd{args.pgd_steps}x{args.restarts}_{args.subset}_n{args.n_examples}_"
+            f"{snapshot_tag(args.snapshot, epoch)}{'_ema' if args.use_ema else ''}")
+
+
+def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from robust_flat.attacks.pgd import PGDConfig
+    from robust_flat.evaluation import PAPER_EPS, parse_eps
+    from robust_flat.io import atomic_write_json
+    from robust_flat.partial import finished_result, fingerprint
+
+    try:
+        eps = parse_eps(args.eps)
+    except ValueError as e:
+        parser.error(str(e))
+    if min(args.n_examples, args.pgd_steps, args.restarts, args.batch_size) < 1:
+        parser.error("--n-examples, --pgd-steps, --restarts and --batch-size must be >= 1")
+    if args.snapshot not in ("best", "last") and not args.snapshot.isdigit():
+        parser.error(f"--snapshot must be an epoch number, 'best' or 'last', got {args.snapshot!r}")
+    attack = PGDConfig(eps=eps, step_size=0.007 * eps / PAPER_EPS, steps=args.pgd_steps, restarts=args.restarts)
+
+    from robust_flat.data import load_eval_set
+
+    if load_run is None:
+        from robust_flat.checkpoint import load_run
+    loaded = load_run(args.run_dir, args.snapshot if args.snapshot in ("best", "last") else int(args.snapshot))
+    params = loaded.params
+    if args.use_ema:
+        if loaded.ema_params is None:
+            raise ValueError("--use-ema: this run has no weight-averaged parameters")
+        params = loaded.ema_params
+    x, y = load_eval_set(loaded.config, args.subset, args.data_dir)
+    if args.n_examples > len(x):
+        raise ValueError(f"--n-examples {args.n_examples} but subset {args.subset} has only {len(x)} examples")
+    x, y = np.asarray(x[:args.n_examples], np.float32), np.asarray(y[:args.n_examples], np.int32)
+
+    payload = {"attack": [eps, attack.step_size, attack.steps, attack.restarts], "seed": args.seed,
+               "subset": args.subset, "n": len(x), "epoch": loaded.epoch, "step": loaded.step,
+               "ema": args.use_ema, "labels": hashlib.sha256(y.tobytes()).hexdigest()[:12]}
+    fp = fingerprint(payload)
+    path = os.path.join(args.run_dir, "evaluations", output_name(args, loaded.epoch) + ".json")
+    previous = None if args.fresh else finished_result(path, fp)
+    if previous is not None:
+        print(f"{path} is up to date (robust loss {previous['robust_loss']:.4f}); use --fresh to recompute")
+        return previous
+
+    import jax
+
+    from robust_flat.models import make_logits_fn
+    from robust_flat.training.monitor import evaluate
+
+    t0 = time.time()
+    res = evaluate(make_logits_fn(loaded.model), params, loaded.model_state, x, y, jax.random.PRNGKey(args.seed),
+                   attack, args.batch_size)
+    out = {"kind": "robust_loss", "subset": args.subset, "n": len(x), "epoch": loaded.epoch, "step": loaded.step,
+           "snapshot": args.snapshot, "use_ema": args.use_ema, "seed": args.seed,
+           "clean_loss": res["loss"], "clean_error": res["error"], "robust_loss": res["robust_loss"],
+           "robust_error": res["robust_error"],
+           "attack": {"name": "pgd", "steps": attack.steps, "restarts": attack.restarts, "eps": eps,
+                      "step_size": attack.step_size},
+           "run_dir": os.path.abspath(args.run_dir), "fingerprint": fp, "finished": True,
+           "time_s": round(time.time() - t0, 1)}
+    atomic_write_json(path, out, indent=2)
+    print(f"epoch {loaded.epoch} {args.subset} (n={len(x)}): clean loss {out['clean_loss']:.4f} error "
+          f"{out['clean_error']:.4f}; PGD-{attack.steps}x{attack.restarts} robust loss {out['robust_loss']:.4f} "
+          f"error {out['robust_error']:.4f} [{out['time_s']:.0f} s] -> {path}")
+    return out
+
+
+if __name__ == "__main__":
+    from robust_flat.checkpoint import CheckpointError
+    from robust_flat.data import DataError
+
+    try:
+        main(sys.argv[1:])
+    except (CheckpointError, DataError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again", file=sys.stderr)
+        sys.exit(130)

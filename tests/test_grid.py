@@ -1,0 +1,211 @@
+"""experiments.grid: planning, states, skipping what is done, resuming, failures, refusal of bad grids, and the
+submitit launcher (its local executor). Units are real entry-point commands when planned; the launcher tests run
+stand-in commands (a few lines of Python) so they take seconds."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from experiments import grid as G
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+GOOD = """
+import ml_collections
+
+def get_config():
+    g = ml_collections.ConfigDict()
+    g.name = "t"
+    g.preset = "tiny"
+    g.overrides = {"train": {"epochs": 4}, "checkpoint": {"snapshot_every": 2}}
+    g.runs = [dict(label="a", config="pgd_at"),
+              dict(label="b", config="trades", seed=3, overrides={"trades.beta": 1.0, "optimizer.lr": 0.1})]
+    g.measures = {"rloss": dict(snapshots="all", subsets=("test_first1000",), n_examples=64, pgd_steps=2, restarts=1),
+                  "avg": dict(snapshots="last", samples=2, n_examples=64, reference_restarts=1, nu_per="dataset"),
+                  "autoattack": dict(snapshots="last,best", version="fast", n_examples=64, n_iter=5)}
+    return g
+"""
+
+
+def _grid(tmp_path, text=GOOD, name="g.py"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def test_plan_lists_training_then_measurements_with_real_commands(tmp_path):
+    runs, units = G.plan(G.load_grid(_grid(tmp_path)), str(tmp_path / "root"), "DATA", python="PY")
+    assert [r.label for r in runs] == ["a", "b"]
+    assert runs[1].seed == 3 and runs[1].epochs == 4 and runs[1].method == "trades"
+    names = [u.name for u in units]
+    assert names[:6] == ["a/train", "a/rloss_test_first1000_ep2", "a/rloss_test_first1000_ep4",
+                         "a/autoattack_last", "a/avg_last", "a/autoattack_best"]
+    assert names[6] == "b/train" and len(units) == 12
+    train_b = units[6]
+    assert train_b.command[:4] == ["PY", "-m", "experiments.cifar10_at", "--config=experiments/configs/trades.py:tiny"]
+    assert "--config.trades.beta=1.0" in train_b.command and "--config.optimizer.lr=0.1" in train_b.command
+    assert "--config.seed=3" in train_b.command and "--config.train.epochs=4" in train_b.command
+    assert train_b.command[train_b.command.index("--data-dir") + 1] == "DATA"
+    avg = units[4]
+    assert avg.after == "a/train" and avg.command[2] == "experiments.flatness"
+    assert avg.command[avg.command.index("--snapshot") + 1] == "last"
+    assert avg.command[avg.command.index("--nu-per") + 1] == "dataset"
+    assert all(u.state == "to do" for u in units)
+
+
+def test_the_planned_commands_parse(tmp_path):
+    """Every measurement command is accepted by its entry point's own parser (no misspelt option)."""
+    from experiments import evaluate, flatness, robust_loss
+
+    parsers = {"experiments.evaluate": evaluate.build_parser(), "experiments.flatness": flatness.build_parser(),
+               "experiments.robust_loss": robust_loss.build_parser()}
+    _, units = G.plan(G.load_grid(_grid(tmp_path)), str(tmp_path / "root"), "DATA")
+    for u in units:
+        if u.kind != "train":
+            parsers[u.command[2]].parse_args(u.command[3:])
+
+
+def test_states_follow_the_files(tmp_path):
+    root = tmp_path / "root"
+    path = _grid(tmp_path)
+    (root / "a" / "checkpoints" / "latest").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "b" / "DONE").write_text("x")
+    (root / "a" / "evaluations").mkdir()
+    (root / "a" / "evaluations" / "grid_rloss_test_first1000_ep2.json").write_text("{}")
+    (root / "a" / "evaluations" / "grid_autoattack_last.examples.json").write_text("{}")
+    (root / "a" / "flatness" / ".partial" / "grid_avg_xi0.5_last-0123abcd").mkdir(parents=True)
+    (root / "b" / "flatness" / ".partial" / "something_else-0123").mkdir(parents=True)
+    _, units = G.plan(G.load_grid(path), str(root), None)
+    state = {u.name: u.state for u in units}
+    assert state["a/train"] == "partial" and state["b/train"] == "done"
+    assert state["a/rloss_test_first1000_ep2"] == "done" and state["a/rloss_test_first1000_ep4"] == "to do"
+    assert state["a/autoattack_last"] == "partial" and state["a/autoattack_best"] == "to do"
+    assert state["a/avg_last"] == "partial" and state["b/avg_last"] == "to do"
+
+
+def _unit(tmp_path, name, kind, code, after=None, out=None):
+    out = out or str(tmp_path / f"{name.replace('/', '_')}.out")
+    return G.Unit(name, name.split("/")[0], kind, [sys.executable, "-c", code], [out], [out + ".part"],
+                  str(tmp_path / "logs" / f"{name.replace('/', '_')}.log"), 1.0, after)
+
+
+def _writer(path, fail_once=False):
+    """A stand-in unit: writes a part file, then (unless failing the first time) the result."""
+    return textwrap.dedent(f"""
+        import os, sys
+        part = {path!r} + ".part"
+        first = not os.path.exists(part)
+        open(part, "a").write("x")
+        if {fail_once!r} and first:
+            sys.exit(3)
+        open({path!r}, "w").write(str(len(open(part).read())))
+    """)
+
+
+def test_local_launcher_skips_done_units_resumes_partial_ones_and_reports_failures(tmp_path):
+    out = {k: str(tmp_path / f"{k}.out") for k in ("t", "m1", "m2", "t2", "m3")}
+    units = [_unit(tmp_path, "r/train", "train", _writer(out["t"]), out=out["t"]),
+             _unit(tmp_path, "r/m1", "rloss", _writer(out["m1"], fail_once=True), "r/train", out["m1"]),
+             _unit(tmp_path, "r/m2", "rloss", "raise SystemExit('must not run')", "r/train", out["m2"]),
+             _unit(tmp_path, "s/train", "train", "import sys; sys.exit(1)", out=out["t2"]),
+             _unit(tmp_path, "s/m3", "rloss", _writer(out["m3"]), "s/train", out["m3"])]
+    open(out["m2"], "w").write("done before")
+    for u in units:
+        u.state = G.unit_state(u)
+    assert [u.state for u in units] == ["to do", "to do", "done", "to do", "to do"]
+    failed = G.run_local(units, log=lambda m: None)
+    assert sorted(u.name for u in failed) == ["r/m1", "s/train"]
+    # a training unit's result is the DONE marker the launcher writes after a successful exit
+    assert os.path.exists(out["t"]) and not os.path.exists(out["t2"])
+    assert not os.path.exists(out["m3"])  # s/m3 skipped: its training failed
+    assert open(units[1].log).read().count("$ ") == 1  # the command line is logged
+    # rerun: done units are not run again; the interrupted unit sees its partial work and finishes
+    for u in units:
+        u.state = G.unit_state(u)
+    assert units[1].state == "partial" and units[0].state == "done"
+    failed = G.run_local(units, log=lambda m: None)
+    assert [u.name for u in failed] == ["s/train"]
+    assert open(out["m1"]).read() == "2"  # the second attempt continued from the first one's part file
+    assert open(out["t"] + ".part").read() == "x"   # training was not redone
+
+
+def test_training_unit_done_marker_written_only_on_success(tmp_path):
+    marker = str(tmp_path / "DONE")
+    assert G.run_unit([sys.executable, "-c", "import sys; sys.exit(2)"], str(tmp_path / "l.log"), marker) == 2
+    assert not os.path.exists(marker)
+    assert G.run_unit([sys.executable, "-c", "print('hi')"], str(tmp_path / "l.log"), marker) == 0
+    assert os.path.exists(marker) and "hi" in open(tmp_path / "l.log").read()
+
+
+def test_submitit_local_executor_runs_training_before_its_measurements(tmp_path):
+    pytest.importorskip("submitit")
+    out = {k: str(tmp_path / f"{k}.out") for k in ("t", "m", "t2", "m2")}
+    check = textwrap.dedent(f"""
+        import os, sys
+        if not os.path.exists({out['t']!r}):
+            sys.exit(4)
+        open({out['m']!r}, "w").write("after training")
+    """)
+    units = [_unit(tmp_path, "r/train", "train", _writer(out["t"]), out=out["t"]),
+             _unit(tmp_path, "r/m", "rloss", check, "r/train", out["m"]),
+             _unit(tmp_path, "s/train", "train", "import sys; sys.exit(1)", out=out["t2"]),
+             _unit(tmp_path, "s/m", "rloss", _writer(out["m2"]), "s/train", out["m2"])]
+    failed = G.run_submitit(units, str(tmp_path / "submitit"), cluster="local", time_min=5, log=lambda m: None)
+    assert open(out["m"]).read() == "after training"
+    assert [u.name for u in failed] == ["s/train"] and not os.path.exists(out["m2"])
+
+
+BAD = {
+    "unknown method": ('dict(label="a", config="pgd_att")', "unknown method config 'pgd_att'"),
+    "duplicate label": ('dict(label="a", config="pgd_at"), dict(label="a", config="mart")', "duplicate run label"),
+    "unknown override": ('dict(label="a", config="pgd_at", overrides={"optimizer.lrr": 0.1})',
+                         "override 'optimizer.lrr' does not exist"),
+    "unknown measure": ('dict(label="a", config="pgd_at")', "unknown measure 'flatnes'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_grids_are_refused_before_anything_runs(tmp_path, case):
+    runs, expected = BAD[case]
+    measures = '{"flatnes": {}}' if case == "unknown measure" else '{"rloss": {}}'
+    text = f"""
+import ml_collections
+
+def get_config():
+    g = ml_collections.ConfigDict()
+    g.preset = "tiny"
+    g.runs = [{runs}]
+    g.measures = {measures}
+    return g
+"""
+    root = tmp_path / "root"
+    proc = subprocess.run([sys.executable, "-m", "experiments.grid", _grid(tmp_path, text), "--root", str(root)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not root.exists()  # nothing ran, nothing written
+
+
+def test_dry_run_lists_units_states_and_estimate(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.grid", _grid(tmp_path), "--root",
+                           str(tmp_path / "root"), "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:2] == ["a/train", "to"] and "12 units: 0 done, 0 partial, 12 to do" in lines[-1]
+    assert not (tmp_path / "root").exists()
+
+
+def test_grid_record_for_the_report(tmp_path):
+    g = G.load_grid(_grid(tmp_path))
+    runs = G.build_runs(g)
+    rec = G.grid_record(g, runs, "g.py")
+    json.dumps(rec)
+    assert [r["label"] for r in rec["runs"]] == ["a", "b"] and rec["runs"][1]["overrides"]["trades.beta"] == 1.0
+    assert rec["measures"]["avg"]["samples"] == 2
