@@ -450,7 +450,7 @@ def table_csv(table: Sequence[dict]) -> str:
     cols = table_columns(table)
     w.writerow(cols)
     for r in table:
-        w.writerow(["" if r.get(c) is None else (f"{r[c]:.6g}" if isinstance(r.get(c), float) else r[c])
+        w.writerow(["" if r.get(c) is None else (f"{r[c]:.10g}" if isinstance(r.get(c), float) else r[c])
                     for c in cols])
     return buf.getvalue()
 
@@ -646,10 +646,10 @@ def load(paths: Sequence[str]) -> tuple[list[Run], list[dict], Optional[dict], l
 
 
 def analyse(paths: Sequence[str], out: str, *, n_resamples: int = stats.DEFAULT_RESAMPLES, seed: int = 0,
-            confidence_level: float = 0.95, ci_method: str = "percentile") -> Analysis:
-    """Read the runs, compute every correlation and write the table, ``correlations.json``, ``table.md`` and the
-    figures into ``out``."""
-    from experiments import figures
+            confidence_level: float = 0.95, ci_method: str = "percentile", figures: bool = True) -> Analysis:
+    """Read the runs, compute every correlation and write the table, ``correlations.json``, ``table.md`` and (with
+    ``figures``) the figures into ``out``."""
+    from experiments import figures as plots
 
     runs, table, grid, missing = load(paths)
     corr = correlations(runs, table, n_resamples=n_resamples, seed=seed, confidence_level=confidence_level,
@@ -661,8 +661,9 @@ def analyse(paths: Sequence[str], out: str, *, n_resamples: int = stats.DEFAULT_
     atomic_write_json(os.path.join(out, "correlations.json"), corr, indent=1)
     atomic_write_text(os.path.join(out, "table.md"), main_table(runs, table))
     analysis = Analysis(runs=runs, table=table, correlations=corr, grid=grid, missing=missing,
-                        colours=figures.palette([(r.group, r.method) for r in runs]), figures={}, out=out)
-    analysis.figures = figures.write_all(analysis, out)
+                        colours=plots.palette([(r.group, r.method) for r in runs]), figures={}, out=out)
+    if figures:
+        analysis.figures = plots.write_all(analysis, out)
     return analysis
 
 

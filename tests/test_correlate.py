@@ -316,12 +316,12 @@ def test_mixed_sources_use_one_source_per_correlation(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def test_cli_writes_correlations_markdown_and_valid_figures(tmp_path):
+def test_cli_writes_correlations_markdown_and_valid_figures(tmp_path, capsys):
     root = grid(tmp_path, 4)
     out = tmp_path / "out"
-    proc = run_cli(str(root), "--out", str(out), "--resamples", "199", "--seed", "3")
-    assert proc.returncode == 0, proc.stderr
-    assert "all_models: avg_xi0.5 vs test_rloss" in proc.stdout and "H7" in proc.stdout
+    correlate.main([str(root), "--out", str(out), "--resamples", "199", "--seed", "3"])
+    printed = capsys.readouterr().out
+    assert "all_models: avg_xi0.5 vs test_rloss" in printed and "H7" in printed
     corr = json.loads((out / "correlations.json").read_text())
     assert corr["settings"]["n_resamples"] == 199 and corr["settings"]["seed"] == 3
     assert corr["settings"]["ci_method"] == "percentile"

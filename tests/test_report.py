@@ -51,29 +51,29 @@ def test_report_has_every_verdict_rule_and_figure(tmp_path):
 
 
 def test_h1_flips_between_shows_and_does_not_show(tmp_path):
-    def h1(curve, name):
+    def h1(curve, name, train=None, write=False):
         root = tmp_path / name
-        make_run(root, "at", test_rl=curve, train_rl=[2.5 - 0.1 * e for e in range(1, 11)], avg={10: 0.5})
+        make_run(root, "at", test_rl=curve, train_rl=train or [2.5 - 0.1 * e for e in range(1, 11)], avg={10: 0.5})
         out = tmp_path / f"{name}_out"
+        if not write:
+            return report.h1(correlate.analyse([str(root)], str(out), n_resamples=99, figures=False)).verdict, ""
         verdicts = report.main([str(root), "--out", str(out), *FAST])
         text = (out / "REPORT.md").read_text()
         assert _verdict(text, "H1") == verdicts["H1"]
         return verdicts["H1"], text
 
     # test RLoss falls to epoch 5, then rises to the end: robust overfitting after the decay at epoch 4
-    verdict, text = h1(overfitting_curve(10, 5, 1.5, 2.2), "over")
+    verdict, text = h1(overfitting_curve(10, 5, 1.5, 2.2), "over", write=True)
     assert verdict == "shows"
     assert "| at | 4 | metrics.jsonl | 5 | 1.500 | 10 | 2.200 | 0.700 |" in text  # min epoch, min, last, rise
     # test RLoss keeps falling: no robust overfitting
-    verdict, text = h1([2.5 - 0.1 * e for e in range(1, 11)], "under")
-    assert verdict == "does not show"
+    verdict, text = h1([2.5 - 0.1 * e for e in range(1, 11)], "under", write=True)
+    assert verdict == "does not show" and "**Verdict: does not show.** 0 of 1 measured" in text
     # a rise below the tolerance is not robust overfitting
     flat = [2.0] * 4 + [1.5, 1.5 + report.H1_TOLERANCE / 2] + [1.5 + report.H1_TOLERANCE / 2] * 4
     assert h1(flat, "tiny")[0] == "does not show"
     # test RLoss rises while train RLoss rises as well: only partly
-    root = tmp_path / "both"
-    make_run(root, "at", test_rl=overfitting_curve(10, 4, 1.5, 2.5), train_rl=overfitting_curve(10, 4, 1.0, 1.4))
-    assert report.main([str(root), "--out", str(tmp_path / "both_out"), *FAST])["H1"] == "partly"
+    assert h1(overfitting_curve(10, 4, 1.5, 2.5), "both", train=overfitting_curve(10, 4, 1.0, 1.4))[0] == "partly"
 
 
 def test_h1_prefers_robust_loss_results_and_skips_clean_runs(tmp_path):
@@ -82,7 +82,7 @@ def test_h1_prefers_robust_loss_results_and_skips_clean_runs(tmp_path):
     make_run(root, "at", test_rl=overfitting_curve(10, 4, 1.5, 2.5),
              rloss={e: (2.0 - 0.05 * e, 0.5, 1.5 - 0.05 * e, 0.4) for e in (4, 6, 8, 10)})
     make_run(root, "clean", method="clean", test_rl=overfitting_curve(10, 4, 1.5, 2.5))
-    analysis = correlate.analyse([str(root)], str(tmp_path / "out"), n_resamples=99)
+    analysis = correlate.analyse([str(root)], str(tmp_path / "out"), n_resamples=99, figures=False)
     res = report.h1(analysis)
     assert res.verdict == "does not show" and "| at | 4 | robust_loss | 10 |" in "\n".join(res.details)
     assert "clean" not in "\n".join(res.details)
@@ -113,7 +113,7 @@ def test_h7_verdict_follows_the_slopes(tmp_path):
             rloss[2 * (k + 1)] = (x, y, 1.0, 0.3)
         make_run(root, "a", epochs=2 * len(points), rloss=rloss,
                  es={2 * (k + 1): 0.5 for k in range(len(points))})
-        analysis = correlate.analyse([str(root)], str(tmp_path / "o"), n_resamples=99)
+        analysis = correlate.analyse([str(root)], str(tmp_path / "o"), n_resamples=99, figures=False)
         return report.h7(analysis)
 
     steep_then_flat = [(x, 0.3 * x) for x in (1.0, 1.4, 1.8, 2.1)] + [
@@ -146,3 +146,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr
     assert not (tmp_path / "o" / "REPORT.md").exists()
+
+
+def test_h3_per_run_spearman_sign(tmp_path):
+    def h3(flat_values, name):
+        root = tmp_path / name
+        test_rl = [2.0, 1.8, 1.7, 1.6, 1.65, 1.9, 2.0, 2.2, 2.3, 2.4]  # snapshots 2..10: 1.8, 1.6, 1.9, 2.2, 2.4
+        make_run(root, "at", test_rl=test_rl, avg=dict(zip((2, 4, 6, 8, 10), flat_values)))
+        return report.h3(correlate.analyse([str(root)], str(tmp_path / f"{name}_out"), n_resamples=99,
+                                           figures=False))
+
+    together = h3([0.5, 0.3, 0.6, 0.8, 0.9], "together")
+    assert together.verdict == "shows" and "| at | avg_xi0.5 | 5 | 1.00 [" in "\n".join(together.details)
+    assert h3([0.9, 1.0, 0.7, 0.5, 0.3], "opposite").verdict == "does not show"
