@@ -370,9 +370,10 @@ def _setting_text(setting: dict) -> str:
 def settings_section(analysis: Analysis, roots: Sequence[str]) -> list[str]:
     g = analysis.grid or {}
     lines = ["## Scale and settings", ""]
-    lines.append(f"Grid: **{g.get('name', 'no grid.json')}**" + (f" -- {g['description']}" if g.get("description")
-                                                                else "") + f"; root: {', '.join(safe_path(r) for r in roots)}; "
-                 f"{len(analysis.runs)} runs, {len(analysis.table)} (run, snapshot) rows.")
+    description = f" -- {g['description']}" if g.get("description") else ""
+    lines.append(f"Grid: **{g.get('name', 'no grid.json')}**{description}; root: "
+                 f"{', '.join(safe_path(r) for r in roots)}; {len(analysis.runs)} runs, {len(analysis.table)} "
+                 "(run, snapshot) rows.")
     for key in ("settings", "measures"):
         if g.get(key):
             lines += ["", f"Grid {key} (from grid.json):", "", "```json",
@@ -470,7 +471,8 @@ def render(analysis: Analysis, roots: Sequence[str], results: Sequence[Verdict])
         lines.append("No figure: no data to plot yet.")
     lines += ["## Claims", ""]
     for v in results:
-        lines += [f"### {v.claim}: {TITLES[v.claim]}", "", f"**Verdict: {v.verdict}.** {v.summary[:1].upper() + v.summary[1:]}.", "",
+        summary = v.summary[:1].upper() + v.summary[1:]
+        lines += [f"### {v.claim}: {TITLES[v.claim]}", "", f"**Verdict: {v.verdict}.** {summary}.", "",
                   f"Rule: {RULES[v.claim]}", ""]
         if v.claim in PAPER:
             lines += [f"Paper: {PAPER[v.claim]}.", ""]

@@ -175,8 +175,8 @@ def two_segment_fit(x: Sequence[float], y: Sequence[float], threshold: float = L
     ``slope_difference_stderr`` = sqrt(se_below^2 + se_above^2) when both segments have a fit."""
     x, y = _clean_pairs(x, y)
     below, above = x < threshold, x >= threshold
-    out: dict = {"threshold": float(threshold), "n": int(len(x)),
-                 "below": linear_fit(x[below], y[below], min_points), "above": linear_fit(x[above], y[above], min_points)}
+    out: dict = {"threshold": float(threshold), "n": int(len(x)), "below": linear_fit(x[below], y[below], min_points),
+                 "above": linear_fit(x[above], y[above], min_points)}
     if "slope" in out["below"] and "slope" in out["above"]:
         out["slope_difference"] = out["below"]["slope"] - out["above"]["slope"]
         out["slope_difference_stderr"] = math.hypot(out["below"]["slope_stderr"], out["above"]["slope_stderr"])
