@@ -55,7 +55,10 @@ def output_name(args, epoch: int) -> str:
             f"{snapshot_tag(args.snapshot, epoch)}{'_ema' if args.use_ema else ''}")
 
 
-def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = None) -> dict:
+def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = None,
+         load_eval_set: Optional[Callable] = None) -> dict:
+    """Run the CLI; returns the result dict. ``load_run``/``load_eval_set`` default to
+    :func:`robust_flat.checkpoint.load_run` / :func:`robust_flat.data.load_eval_set` (injectable for tests)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     from robust_flat.attacks.pgd import PGDConfig
@@ -73,8 +76,8 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
         parser.error(f"--snapshot must be an epoch number, 'best' or 'last', got {args.snapshot!r}")
     attack = PGDConfig(eps=eps, step_size=0.007 * eps / PAPER_EPS, steps=args.pgd_steps, restarts=args.restarts)
 
-    from robust_flat.data import load_eval_set
-
+    if load_eval_set is None:
+        from robust_flat.data import load_eval_set
     if load_run is None:
         from robust_flat.checkpoint import load_run
     loaded = load_run(args.run_dir, args.snapshot if args.snapshot in ("best", "last") else int(args.snapshot))
