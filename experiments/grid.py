@@ -35,6 +35,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence
@@ -392,13 +393,43 @@ def run_unit(command: Sequence[str], log: str, done_marker: Optional[str] = None
         if in_process and command[1:3] == ["-m", command[2]] and command[2] != "experiments.cifar10_at":
             rc = _run_in_process(command[2], list(command[3:]), f)
         else:
-            rc = subprocess.run(list(command), stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            rc = _run_child(command, f)
     if rc == 0 and done_marker:
         from robust_flat.io import atomic_write_text
 
         atomic_write_text(done_marker, time.strftime("%Y-%m-%d %H:%M:%S\n"))
     return rc
+
+
+_LIVE: set = set()  # running unit processes, stopped with the grid
+_STOPPING = threading.Event()
+
+
+def _run_child(command: Sequence[str], out) -> int:
+    if _STOPPING.is_set():
+        return 130
+    proc = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    _LIVE.add(proc)
+    try:
+        return proc.wait()
+    finally:
+        _LIVE.discard(proc)
+
+
+def stop_children(timeout: float = 120.0) -> None:
+    """SIGTERM every running unit process and wait for it: the trainer saves a checkpoint and exits, the measures
+    keep their finished pieces. A grid that is stopped never leaves a unit running on its own."""
+    procs = list(_LIVE)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.time() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _run_in_process(module_name: str, argv: list, out) -> int:
@@ -440,12 +471,14 @@ def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None
     def one(u: Unit, i: int) -> None:
         dep = by_name.get(u.after) if u.after else None
         if dep is not None:
-            while dep.name not in status:
+            while dep.name not in status and not _STOPPING.is_set():
                 time.sleep(0.2)
-            if status[dep.name] != "ok":
-                status[u.name] = "skipped"
-                log(f"[{i}/{total}] {u.name}: skipped ({dep.name} failed)")
-                return
+        if _STOPPING.is_set():
+            return
+        if dep is not None and status[dep.name] != "ok":
+            status[u.name] = "skipped"
+            log(f"[{i}/{total}] {u.name}: skipped ({dep.name} failed)")
+            return
         start = time.time()
         log(f"[{i}/{total}] {u.name}: {'resuming' if u.state == 'partial' else 'starting'} "
             f"(estimate {_fmt_s(u.cost)}; log {u.log})")
@@ -464,11 +497,19 @@ def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None
     if workers <= 1:
         for i, u in enumerate(todo, 1):
             one(u, i)
-    else:
-        # training units first in the queue so their measurements can start as early as possible
-        order = sorted(todo, key=lambda u: u.kind != "train")
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda a: one(*a), [(u, i) for i, u in enumerate(order, 1)]))
+        return failed
+    # training units first in the queue so their measurements can start as early as possible
+    order = sorted(todo, key=lambda u: u.kind != "train")
+    pool = ThreadPoolExecutor(workers)
+    try:
+        for future in [pool.submit(one, u, i) for i, u in enumerate(order, 1)]:
+            future.result()
+    except KeyboardInterrupt:
+        _STOPPING.set()  # waiting units return instead of starting
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_children()
+        raise
+    pool.shutdown()
     return failed
 
 
@@ -599,12 +640,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SLURM preemption, kill: stop the unit in flight cleanly
     try:
         sys.exit(main())
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted: finished units are kept; run the same command again to go on", file=sys.stderr)
+        stop_children()
+        print("\ninterrupted: finished units are kept (and the unit in flight resumes); run the same command again "
+              "to go on", file=sys.stderr)
         sys.exit(130)

@@ -209,3 +209,37 @@ def test_grid_record_for_the_report(tmp_path):
     json.dumps(rec)
     assert [r["label"] for r in rec["runs"]] == ["a", "b"] and rec["runs"][1]["overrides"]["trades.beta"] == 1.0
     assert rec["measures"]["avg"]["samples"] == 2
+
+
+def test_stopping_the_grid_stops_the_unit_in_flight(tmp_path):
+    """A stopped grid (Ctrl-C, SIGTERM) sends SIGTERM to the running unit and waits for it (the trainer then saves and
+    exits); no unit is left running on its own, and no further unit starts."""
+    import threading
+
+    flag = str(tmp_path / "got_sigterm")
+    code = textwrap.dedent(f"""
+        import signal, sys, time
+        def bye(*a):
+            open({flag!r}, "w").write("saved")
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, bye)
+        open({flag!r} + ".started", "w").write("1")
+        time.sleep(60)
+    """)
+    units = [_unit(tmp_path, "r/train", "train", code), _unit(tmp_path, "r/m", "rloss", _writer(str(tmp_path / "m")),
+                                                               "r/train", str(tmp_path / "m"))]
+    t = threading.Thread(target=G.run_local, args=(units,), kwargs={"workers": 2, "log": lambda m: None})
+    t.start()
+    for _ in range(200):
+        if os.path.exists(flag + ".started"):
+            break
+        import time
+        time.sleep(0.05)
+    G._STOPPING.set()
+    try:
+        G.stop_children(timeout=20)
+        t.join(timeout=20)
+    finally:
+        G._STOPPING.clear()
+    assert open(flag).read() == "saved" and not G._LIVE and not t.is_alive()
+    assert not os.path.exists(str(tmp_path / "m"))  # the measurement did not start after the stop
