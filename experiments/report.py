@@ -9,6 +9,10 @@ H7 and H11 a verdict -- "shows", "partly", "does not show" or "not measured" -- 
 report states next to it (``RULES``), with the numbers behind it. A weak or absent effect is a finding and is
 reported as such. Paths outside the repository are never written into the report. Bad input: one line on stderr,
 exit status 2.
+
+The small result files the analysis read (config.json, metrics.jsonl, the evaluation and flatness summaries) are
+copied to ``OUT/results/`` (``--no-archive``: not), so ``python -m experiments.report OUT/results --out OUT``
+regenerates the report on a machine that does not have the runs.
 """
 from __future__ import annotations
 
@@ -481,11 +485,50 @@ def render(analysis: Analysis, roots: Sequence[str], results: Sequence[Verdict])
     return "\n".join(lines).rstrip() + "\n"
 
 
+ARCHIVED = ("config.json", "metrics.jsonl", "evaluations/*.json", "flatness/*.json")
+
+
+def archive_results(roots: Sequence[str], out_dir: str) -> int:
+    """Copy the small result files the analysis reads (config.json, metrics.jsonl, the evaluation and flatness JSON
+    summaries; no checkpoints, per-example files or logs) into ``out_dir/results/<label>/`` and the grid's
+    ``grid.json`` into ``out_dir/results/``, so the report can be regenerated from the committed copy on a machine
+    without the runs (``python -m experiments.report OUT/results --out OUT``). Returns the number of files copied."""
+    import glob
+    import shutil
+
+    dest_root = os.path.join(out_dir, "results")
+    count = 0
+    for root in roots:
+        root = os.path.normpath(root)
+        if os.path.abspath(root) == os.path.abspath(dest_root):
+            continue  # regenerating from the archive itself
+        runs = [root] if os.path.isfile(os.path.join(root, "config.json")) else sorted(
+            d for d in glob.glob(os.path.join(root, "*")) if os.path.isfile(os.path.join(d, "config.json")))
+        if os.path.isfile(os.path.join(root, "grid.json")):
+            os.makedirs(dest_root, exist_ok=True)
+            shutil.copyfile(os.path.join(root, "grid.json"), os.path.join(dest_root, "grid.json"))
+            count += 1
+        for run in runs:
+            for pattern in ARCHIVED:
+                for src in glob.glob(os.path.join(run, pattern)):
+                    if src.endswith(".examples.json"):
+                        continue
+                    dst = os.path.join(dest_root, os.path.basename(run), os.path.relpath(src, run))
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    shutil.copyfile(src, dst + ".tmp")
+                    os.replace(dst + ".tmp", dst)
+                    count += 1
+    return count
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("roots", nargs="+", help="grid root (or run directories)")
     p.add_argument("--out", default=os.path.join("docs", "reproduction"), help="output directory")
+    p.add_argument("--no-archive", action="store_true",
+                   help="do not copy the runs' small result files into OUT/results/ (default: copy them, so the "
+                        "report can be regenerated where the runs are not)")
     correlate.add_statistics_options(p)
     args = p.parse_args(argv)
     if args.resamples < 1 or not 0 < args.confidence < 1:
@@ -493,6 +536,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     analysis = correlate.analyse(args.roots, args.out, n_resamples=args.resamples, seed=args.seed,
                                  confidence_level=args.confidence, ci_method=args.ci_method)
     results = verdicts(analysis)
+    if not args.no_archive:
+        n = archive_results(args.roots, args.out)
+        print(f"copied {n} result files to {os.path.join(args.out, 'results')}")
     path = os.path.join(args.out, "REPORT.md")
     atomic_write_text(path, render(analysis, args.roots, results))
     for v in results:

@@ -159,3 +159,26 @@ def test_h3_per_run_spearman_sign(tmp_path):
     together = h3([0.5, 0.3, 0.6, 0.8, 0.9], "together")
     assert together.verdict == "shows" and "| at | avg_xi0.5 | 5 | 1.00 [" in "\n".join(together.details)
     assert h3([0.9, 1.0, 0.7, 0.5, 0.3], "opposite").verdict == "does not show"
+
+
+def test_archive_lets_the_report_be_regenerated_without_the_runs(tmp_path):
+    root = grid(tmp_path, 4)
+    run = sorted(p for p in root.iterdir() if (p / "config.json").exists())[0]
+    (run / "checkpoints" / "latest").mkdir(parents=True)
+    (run / "checkpoints" / "latest" / "big.bin").write_bytes(b"0" * 1000)
+    (run / "evaluations").mkdir(exist_ok=True)
+    (run / "evaluations" / "x.examples.json").write_text("{}")
+    out = tmp_path / "rep"
+    first = report.main([str(root), "--out", str(out), *FAST])
+    archived = out / "results" / run.name
+    assert (archived / "config.json").read_bytes() == (run / "config.json").read_bytes()
+    assert (archived / "metrics.jsonl").exists() and not (archived / "checkpoints").exists()
+    assert not (archived / "evaluations" / "x.examples.json").exists()
+    assert (out / "results" / "grid.json").exists() == (root / "grid.json").exists()
+    # from the archive alone (the runs deleted): the same verdicts and table
+    import shutil
+
+    table = (out / "table.csv").read_text()
+    shutil.rmtree(root)
+    again = report.main([str(out / "results"), "--out", str(out), *FAST])
+    assert again == first and (out / "table.csv").read_text() == table
