@@ -385,13 +385,19 @@ def run_unit(command: Sequence[str], log: str, done_marker: Optional[str] = None
 
     ``in_process``: call the entry point's ``main(argv)`` in this process instead of starting ``python -m``, so the
     measurements of a run share one JAX start-up and the compiled programs of its earlier snapshots (the same
-    model and shapes): 10-20 s less per unit on a CPU. Only for entry points with a ``main(argv)``."""
+    model and shapes): 10-20 s less per unit on a CPU. Measurements only (training always gets its own process),
+    one at a time: a unit that finds another one running in-process starts its own process instead."""
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(shlex.quote(c) for c in command)}\n")
         f.flush()
-        if in_process and command[1:3] == ["-m", command[2]] and command[2] != "experiments.cifar10_at":
-            rc = _run_in_process(command[2], list(command[3:]), f)
+        entry = len(command) > 2 and command[1] == "-m" and command[2] != "experiments.cifar10_at"
+        # one in-process unit at a time (it redirects this process's stdout); others meanwhile start a process
+        if in_process and entry and _IN_PROCESS.acquire(blocking=False):
+            try:
+                rc = _run_in_process(command[2], list(command[3:]), f)
+            finally:
+                _IN_PROCESS.release()
         else:
             rc = _run_child(command, f)
     if rc == 0 and done_marker:
@@ -403,6 +409,7 @@ def run_unit(command: Sequence[str], log: str, done_marker: Optional[str] = None
 
 _LIVE: set = set()  # running unit processes, stopped with the grid
 _STOPPING = threading.Event()
+_IN_PROCESS = threading.Lock()
 
 
 def _run_child(command: Sequence[str], out) -> int:
@@ -482,7 +489,7 @@ def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None
         start = time.time()
         log(f"[{i}/{total}] {u.name}: {'resuming' if u.state == 'partial' else 'starting'} "
             f"(estimate {_fmt_s(u.cost)}; log {u.log})")
-        rc = run_unit(u.command, u.log, _marker(u), in_process=workers <= 1)
+        rc = run_unit(u.command, u.log, _marker(u), in_process=True)
         status[u.name] = "ok" if rc == 0 else "failed"
         elapsed = time.time() - t0
         done = sum(1 for t in todo if t.name in status)
@@ -498,8 +505,7 @@ def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None
         for i, u in enumerate(todo, 1):
             one(u, i)
         return failed
-    # training units first in the queue so their measurements can start as early as possible
-    order = sorted(todo, key=lambda u: u.kind != "train")
+    order = training_ahead(todo)
     pool = ThreadPoolExecutor(workers)
     try:
         for future in [pool.submit(one, u, i) for i, u in enumerate(order, 1)]:
@@ -511,6 +517,22 @@ def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None
         raise
     pool.shutdown()
     return failed
+
+
+def training_ahead(units: Sequence[Unit]) -> list[Unit]:
+    """The queue for parallel workers: each run's training before the measurements of the run before it (train 1,
+    train 2, measure 1, train 3, measure 2, ...), so one worker trains while another measures and finished runs
+    are complete early."""
+    runs = list(dict.fromkeys(u.run for u in units))
+    train = {u.run: u for u in units if u.kind == "train"}
+    out: list[Unit] = []
+    for i, run in enumerate(runs):
+        if i == 0 and run in train:
+            out.append(train[run])
+        if i + 1 < len(runs) and runs[i + 1] in train:
+            out.append(train[runs[i + 1]])
+        out.extend(u for u in units if u.run == run and u.kind != "train")
+    return out
 
 
 def run_submitit(units: Sequence[Unit], folder: str, *, cluster: Optional[str] = None, partition: Optional[str] = None,
@@ -632,7 +654,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         failed = run_submitit(units, os.path.join(root, "_submitit"), partition=args.partition, gpus=args.gpus,
                               cpus=args.cpus, time_min=args.time_min)
     else:
-        failed = run_local(units, args.workers, log=lambda m: print(m, flush=True))
+        failed = run_local(units, args.workers, log=lambda m: print(m, file=sys.__stdout__, flush=True))
     if failed:
         print(f"{len(failed)} unit(s) failed: " + ", ".join(f"{u.name} ({u.log})" for u in failed), file=sys.stderr)
         return 1

@@ -243,3 +243,12 @@ def test_stopping_the_grid_stops_the_unit_in_flight(tmp_path):
         G._STOPPING.clear()
     assert open(flag).read() == "saved" and not G._LIVE and not t.is_alive()
     assert not os.path.exists(str(tmp_path / "m"))  # the measurement did not start after the stop
+
+
+def test_parallel_queue_keeps_one_training_ahead(tmp_path):
+    units = [_unit(tmp_path, f"{r}/{k}", "train" if k == "train" else "rloss", "pass", None if k == "train" else
+                   f"{r}/train") for r in ("a", "b", "c") for k in ("train", "m1", "m2")]
+    assert [u.name for u in G.training_ahead(units)] == [
+        "a/train", "b/train", "a/m1", "a/m2", "c/train", "b/m1", "b/m2", "c/m1", "c/m2"]
+    done_a = [u for u in units if u.name != "a/train"]  # a's training already done
+    assert [u.name for u in G.training_ahead(done_a)][:3] == ["b/train", "a/m1", "a/m2"]
