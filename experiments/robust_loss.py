@@ -9,7 +9,8 @@ an example as wrong when the clean or the adversarial input is misclassified. Th
 (step 0.007 at eps 8/255, scaled with eps) on the first 1000 test images (``test_first1000``) and the first 1000
 training images (``train_first1000``, for the robust generalization gap). Batch norm runs in eval mode.
 
-Output: ``RUN/evaluations/rloss_pgd{steps}x{restarts}_{subset}_n{N}_{snapshot}.json`` (or ``--name``) with ``clean_loss``,
+Output: ``RUN/evaluations/rloss_pgd{steps}x{restarts}_{subset}_n{N}_{snapshot}.json`` (or ``--name``) with
+``clean_loss``,
 ``clean_error``, ``robust_loss``, ``robust_error``, the attack and the snapshot's epoch. A finished result with the
 same settings is not recomputed (``--fresh`` recomputes).
 """
