@@ -10,9 +10,8 @@ an example as wrong when the clean or the adversarial input is misclassified. Th
 training images (``train_first1000``, for the robust generalization gap). Batch norm runs in eval mode.
 
 Output: ``RUN/evaluations/rloss_pgd{steps}x{restarts}_{subset}_n{N}_{snapshot}.json`` (or ``--name``) with
-``clean_loss``,
-``clean_error``, ``robust_loss``, ``robust_error``, the attack and the snapshot's epoch. A finished result with the
-same settings is not recomputed (``--fresh`` recomputes).
+``clean_loss``, ``clean_error``, ``robust_loss``, ``robust_error``, the attack and the snapshot's epoch. A finished
+result with the same settings is not recomputed (``--fresh`` recomputes).
 """
 from __future__ import annotations
 
