@@ -378,6 +378,33 @@ def _has_partial(path: str, unit: Unit) -> bool:
     return any(d.startswith(name + "-") for d in os.listdir(path))
 
 
+def measured_seconds(unit: Unit) -> Optional[float]:
+    """Wall time a done unit recorded in its own files (training: the epochs' ``time_s``; measures: ``time_s`` or
+    ``seconds`` in the result), or None."""
+    try:
+        if unit.kind == "train":
+            with open(os.path.join(os.path.dirname(unit.outputs[0]), "metrics.jsonl")) as f:
+                return sum(float(json.loads(line).get("time_s", 0.0)) for line in f if line.strip()) or None
+        with open(unit.outputs[0]) as f:
+            d = json.load(f)
+        t = d.get("time_s", d.get("seconds"))
+        return float(t) if t else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def calibrate(units: Sequence[Unit]) -> dict[str, float]:
+    """Per unit kind, the median ratio of measured to estimated time over the done units (the dry run's estimate
+    then follows this machine's actual speed)."""
+    ratios: dict[str, list[float]] = {}
+    for u in units:
+        if u.state == "done" and u.cost > 0:
+            t = measured_seconds(u)
+            if t:
+                ratios.setdefault(u.kind, []).append(t / u.cost)
+    return {k: sorted(v)[len(v) // 2] for k, v in ratios.items()}
+
+
 # ------------------------------------------------------------------------------------------------ running
 def run_unit(command: Sequence[str], log: str, done_marker: Optional[str] = None, in_process: bool = False) -> int:
     """Run one unit's command with its output appended to ``log``; returns the exit status. A training unit that
@@ -634,13 +661,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise GridError(f"--only names runs the grid does not list: {', '.join(sorted(unknown))}")
         units = [u for u in units if u.run in keep]
     counts = {s: sum(u.state == s for u in units) for s in STATES}
-    left = sum(u.cost for u in units if u.state != "done")
+    scale = calibrate(units)
+    left = sum(u.cost * scale.get(u.kind, 1.0) for u in units if u.state != "done")
     if args.dry_run:
         width = max(len(u.name) for u in units)
         for u in units:
             print(f"{u.name:<{width}}  {u.state:<7}  ~{_fmt_s(u.cost):>7}  {u.kind}")
+        basis = (f"scaled by the measured time of done units ({', '.join(f'{k} x{v:.2f}' for k, v in scale.items())})"
+                 if scale else "from the grid's cost settings")
         print(f"{len(units)} units: {counts['done']} done, {counts['partial']} partial, {counts['to do']} to do; "
-              f"estimated {_fmt_s(left)} left on this machine's measured speed (grid cost settings)")
+              f"estimated {_fmt_s(left)} left, {basis}")
         return 0
     if data_dir is None and any(r for r in runs):
         print("note: no --data-dir: the units load data through tensorflow-datasets", file=sys.stderr)

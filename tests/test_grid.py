@@ -252,3 +252,21 @@ def test_parallel_queue_keeps_one_training_ahead(tmp_path):
         "a/train", "b/train", "a/m1", "a/m2", "c/train", "b/m1", "b/m2", "c/m1", "c/m2"]
     done_a = [u for u in units if u.name != "a/train"]  # a's training already done
     assert [u.name for u in G.training_ahead(done_a)][:3] == ["b/train", "a/m1", "a/m2"]
+
+
+def test_estimates_follow_the_measured_time_of_done_units(tmp_path):
+    path = _grid(tmp_path)
+    root = tmp_path / "root"
+    _, units = G.plan(G.load_grid(path), str(root), None)
+    u = next(x for x in units if x.name == "a/rloss_test_first1000_ep2")
+    os.makedirs(os.path.dirname(u.outputs[0]))
+    with open(u.outputs[0], "w") as f:
+        json.dump({"time_s": 3 * u.cost}, f)
+    (root / "a" / "DONE").write_text("x")
+    with open(root / "a" / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"epoch": 1, "time_s": 2.0}) + "\n" + json.dumps({"epoch": 2, "time_s": 3.0}) + "\n")
+    _, units = G.plan(G.load_grid(path), str(root), None)
+    scale = G.calibrate(units)
+    train_a = next(x for x in units if x.name == "a/train")
+    assert scale["rloss"] == pytest.approx(3.0) and scale["train"] == pytest.approx(5.0 / train_a.cost)
+    assert "avg" not in scale
