@@ -6,6 +6,10 @@ Measures (paper defaults; see :mod:`robust_flat.flatness`):
 * ``worst``        worst-case flatness of the robust loss: joint weight+input attack, xi 0.003, weight lr 0.001,
                    20 iterations, 10 restarts (max over restarts of the dataset-mean loss)
 * ``clean_avg``, ``clean_worst``   the same for the clean cross-entropy
+
+  Each sample/restart is one weight perturbation for the whole evaluation set (``--nu-per dataset``, the default;
+  the worst-case one is updated after every batch), as in the released code; ``--nu-per batch`` draws or attacks a
+  new one for every batch (docs/paper-vs-code.md#nu-per).
 * ``hessian``, ``landscape``       dispatched to ``robust_flat.hessian.run_cli`` / ``robust_flat.landscape.run_cli``;
   options this script does not know (``--k 4``, ``--directions random``) are passed to them as attributes. They
   show progress and resume the same way (Lanczos run / Hutchinson and SLQ probes; landscape curves / surface rows).
@@ -60,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-restarts", type=int, default=10)
     p.add_argument("--attack-iters", type=int, default=20, help="joint weight(+input) attack iterations (worst)")
     p.add_argument("--weight-lr", type=float, default=0.001, help="worst-case weight lr (paper 0.001; code 0.01)")
-    p.add_argument("--nu-per", choices=("batch", "dataset"), default="batch",
-                   help="new nu per batch (paper, default) or one nu for the whole dataset (code)")
+    p.add_argument("--nu-per", choices=("dataset", "batch"), default="dataset",
+                   help="dataset (default): one weight perturbation nu per sample/restart for the whole evaluation "
+                        "set, the worst-case nu updated after every batch (--attack-iters passes), as the released "
+                        "code that produced the paper's numbers; batch: a new nu for every batch, the worst-case "
+                        "attack running --attack-iters steps per batch, which at 20 steps has not converged and "
+                        "understates the worst case (docs/paper-vs-code.md#nu-per)")
     p.add_argument("--distribution", choices=("ball", "sphere", "uniform_norm"), default="ball",
                    help="average-case nu: in the ball (paper, default) or on the sphere (code)")
     p.add_argument("--granularity", choices=("layer", "filter", "global"), default="layer")
