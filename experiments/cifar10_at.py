@@ -55,6 +55,11 @@ def main(argv):
               file=sys.stderr)
         sys.exit(2)
     config = _CONFIG.value
+    if _DATA_DIR.value and config.data.dataset == "synthetic":
+        print(f"error: --data-dir {_DATA_DIR.value} but this config trains on generated synthetic data "
+              "(config.data.dataset=synthetic, the smoke/tiny presets); pick a real-data preset, e.g. "
+              "--config=experiments/configs/pgd_at.py:cpu, or drop --data-dir", file=sys.stderr)
+        sys.exit(2)
     if _DATA_DIR.value:
         with config.unlocked():
             config.data.data_dir = _DATA_DIR.value

@@ -82,6 +82,9 @@ def validate(x: np.ndarray, y: np.ndarray, source: str, scale: float = 255.0) ->
     if not np.all(np.isfinite(xf)):
         raise DataError(f"{source}: images contain NaN or inf")
     lo, hi = float(xf.min()), float(xf.max())
+    if scale == 255.0 and hi <= 1.0 and hi > 0:
+        raise DataError(f"{source}: float images in [{lo:.4g}, {hi:.4g}] read with pixel_scale 255 would be near-black;"
+                        " set --config.data.pixel_scale=1.0 for images in [0, 1]")
     if lo < 0 or hi > scale:
         raise DataError(f"{source}: pixel values must lie in [0, {scale:g}] as declared, got [{lo:.4g}, {hi:.4g}]; "
                         f"set --config.data.pixel_scale to 1.0 or 255.0 to match the data")
@@ -169,6 +172,24 @@ def _load_cifar_batches(folder: str, split: str, dataset: str) -> Arrays:
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
+def _class_folders(folder: str) -> list[str]:
+    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+
+
+def check_class_folders(data_dir: str) -> None:
+    """An image tree's labels are its sorted class folder names, so ``train/`` and ``test/`` must have the same ones:
+    a class missing from one split would shift the labels of every later class there."""
+    train, test = os.path.join(data_dir, "train"), os.path.join(data_dir, "test")
+    if not (os.path.isdir(train) and os.path.isdir(test)):
+        return
+    a, b = set(_class_folders(train)), set(_class_folders(test))
+    if a != b:
+        parts = [f"{split}/ lacks {', '.join(sorted(missing))}" for split, missing in (("test", a - b), ("train", b - a))
+                 if missing]
+        raise DataError(f"{data_dir}: train/ and test/ must have the same class folders (labels are their sorted "
+                        f"names): {'; '.join(parts)}")
+
+
 def _load_image_folder(folder: str, source: str) -> Arrays:
     """``folder/<class>/*`` with classes in sorted order as labels. An image tree has no canonical example order,
     and class by class would make every prefix one class (the paper's "first 1000 test images" would all be
@@ -176,7 +197,7 @@ def _load_image_folder(folder: str, source: str) -> Arrays:
     (i+1)-th, so every prefix and suffix is class-balanced. CIFAR-10's own archive keeps its original order."""
     from PIL import Image
 
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    classes = _class_folders(folder)
     if not classes:
         raise DataError(f"{folder}: no class folders; expected {folder}/<class>/*.png|jpg")
     entries = []  # (position within its class, label, file name)
@@ -241,6 +262,7 @@ def load_local(data_dir: str, split: str, dataset: str = "cifar10", pixel_scale:
         return npz
     split_dir = os.path.join(data_dir, split)
     if os.path.isdir(split_dir):
+        check_class_folders(data_dir)
         return _with_cache(split_dir, split, dataset, lambda: _load_image_folder(split_dir, split_dir))
     raise DataError(f"--data-dir {data_dir!r} holds no {split} data that robust-flat can read; {HOW_TO_GET_DATA}")
 

@@ -70,6 +70,12 @@ def test_image_folder_tree(tmp_path):
     img = np.asarray(Image.open(tmp_path / "train" / "airplane" / "0002.png"))
     np.testing.assert_array_equal(x[4], img)
 
+    # a class folder missing from one split would shift that split's labels: refused, naming the class
+    (tmp_path / "test" / "cat").rename(tmp_path / "cat_elsewhere")
+    for split in ("train", "test"):
+        with pytest.raises(D.DataError, match="test/ lacks cat"):
+            D.load_local(str(tmp_path), split)
+
 
 def test_npz_files_and_declared_pixel_scale(tmp_path):
     x = np.random.default_rng(0).uniform(0, 1, (5, 32, 32, 3)).astype(np.float32)
@@ -79,6 +85,10 @@ def test_npz_files_and_declared_pixel_scale(tmp_path):
     np.savez(tmp_path / "train.npz", x=x * 255.0, y=np.arange(5))
     with pytest.raises(D.DataError, match=r"\[0, 1\] as declared"):
         D.load_local(str(tmp_path), "train", pixel_scale=1.0)
+    # images in [0, 1] read with the default scale 255 would be near-black: refused with the fix
+    np.savez(tmp_path / "train.npz", x=x, y=np.arange(5))
+    with pytest.raises(D.DataError, match="pixel_scale=1.0"):
+        D.load_local(str(tmp_path), "train")
 
 
 @pytest.mark.parametrize("x,y,match", [

@@ -1,0 +1,20 @@
+"""Bad input to the command-line entry points: one clear line on stderr, exit status 2, nothing written."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_data_dir_with_a_synthetic_config_is_refused(tmp_path):
+    run = tmp_path / "run"
+    proc = _run("experiments.cifar10_at", "--config=experiments/configs/pgd_at.py:tiny", f"--run-dir={run}",
+                f"--data-dir={tmp_path}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "synthetic" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert not run.exists()
