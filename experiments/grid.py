@@ -237,17 +237,20 @@ def _snap_name(s, run: Run) -> str:
 
 
 MEASURE_FIELDS = {
-    "rloss": {"snapshots", "subsets", "n_examples", "pgd_steps", "restarts", "runs"},
-    "autoattack": {"snapshots", "version", "n_examples", "n_iter", "runs"},
-    "avg": {"snapshots", "xi", "samples", "n_examples", "pgd_steps", "reference_restarts", "nu_per", "runs"},
+    "rloss": {"snapshots", "subsets", "n_examples", "pgd_steps", "restarts", "runs", "eps"},
+    "autoattack": {"snapshots", "version", "n_examples", "n_iter", "runs", "eps"},
+    "avg": {"snapshots", "xi", "samples", "n_examples", "pgd_steps", "reference_restarts", "nu_per", "runs", "eps"},
     "worst": {"snapshots", "xi", "restarts", "n_examples", "pgd_steps", "reference_restarts", "attack_iters",
-              "nu_per", "runs"},
-    "landscape": {"snapshots", "n_examples", "runs", "directions", "num_directions", "steps"},
+              "nu_per", "runs", "eps"},
+    "landscape": {"snapshots", "n_examples", "runs", "directions", "num_directions", "steps", "eps"},
 }
 
 
 def check_measures(grid, runs: Sequence[Run]) -> dict:
-    measures = dict(grid.get("measures", {}) or {})
+    measures = {k: dict(v) for k, v in dict(grid.get("measures", {}) or {}).items()}
+    if grid.get("eps") is not None:  # grid-wide evaluation radius (a measure's own eps wins)
+        for spec in measures.values():
+            spec.setdefault("eps", float(grid.eps))
     labels = {r.label for r in runs}
     for name, spec in measures.items():
         if name not in MEASURES:
@@ -309,6 +312,8 @@ def _train_examples(grid, run: Run) -> int:
 def _measure_units(name, spec, run, snap, rdir, logs, base, python, grad_s, after) -> list[Unit]:
     tag = _snap_name(snap, run)
     n = int(spec.get("n_examples", 1000))
+    if spec.get("eps") is not None:  # the input radius of every attack of the measure (default: each CLI's 8/255)
+        base = [*base, "--eps", repr(float(spec["eps"]))]
     out = []
     if name == "rloss":
         steps, restarts = int(spec.get("pgd_steps", 20)), int(spec.get("restarts", 10))
@@ -524,6 +529,8 @@ def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None
         if rc == 0:
             u.state = "done"
             log(f"[{i}/{total}] {u.name}: done in {_fmt_s(time.time() - start)} (grid ETA {_fmt_s(eta)})")
+        elif _STOPPING.is_set() or rc in (130, 143):
+            log(f"[{i}/{total}] {u.name}: stopped (it resumes when the grid runs again)")
         else:
             failed.append(u)
             log(f"[{i}/{total}] {u.name}: FAILED (exit {rc}); see {u.log}")
@@ -538,7 +545,7 @@ def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None
         for future in [pool.submit(one, u, i) for i, u in enumerate(order, 1)]:
             future.result()
     except KeyboardInterrupt:
-        _STOPPING.set()  # waiting units return instead of starting
+        _STOPPING.set()  # waiting units return instead of starting, finishing ones say "stopped"
         pool.shutdown(wait=False, cancel_futures=True)
         stop_children()
         raise
@@ -630,6 +637,7 @@ def grid_record(grid, runs: Sequence[Run], path: str) -> dict:
             "runs": [{"label": r.label, "config": r.config, "preset": r.preset, "method": r.method,
                       "group": r.group, "seed": r.seed, "overrides": dict(r.overrides), "epochs": r.epochs,
                       "snapshot_every": r.snapshot_every} for r in runs],
+            "eps": grid.get("eps", None),
             "measures": {k: dict(v) for k, v in dict(grid.get("measures", {}) or {}).items()}}
 
 

@@ -270,3 +270,14 @@ def test_estimates_follow_the_measured_time_of_done_units(tmp_path):
     train_a = next(x for x in units if x.name == "a/train")
     assert scale["rloss"] == pytest.approx(3.0) and scale["train"] == pytest.approx(5.0 / train_a.cost)
     assert "avg" not in scale
+
+
+def test_grid_eps_reaches_every_measure(tmp_path):
+    text = GOOD.replace('g.preset = "tiny"', 'g.preset = "tiny"\n    g.eps = 4 / 255')
+    text = text.replace('"avg": dict(snapshots="last",', '"avg": dict(eps=0.01, snapshots="last",')
+    _, units = G.plan(G.load_grid(_grid(tmp_path, text)), str(tmp_path / "root"), None)
+    for u in units:
+        if u.kind != "train":
+            want = "0.01" if u.kind == "avg" else repr(4 / 255)
+            assert u.command[u.command.index("--eps") + 1] == want, u.name
+    assert "--eps" not in units[0].command
