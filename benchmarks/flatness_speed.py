@@ -5,7 +5,7 @@ strategies for evaluating K weight perturbations.
         [--strategy-chunks 2,5] [--strategy-model small_cnn|resnet18] [--skip-comparison | --skip-strategies]
         [--torch-device auto|cpu|cuda]
 
-Workload (both frameworks, eval mode, the small CNN of the CPU notes: conv 32-32-pool-64-64-pool, dense 4096-128-10,
+Workload (both frameworks, eval mode, the small CNN ``small_cnn``: conv 32-32-pool-64-64-pool, dense 4096-128-10,
 591k parameters, identical weights): for each of K samples draw one layer-wise relative perturbation on the sphere
 (nu_l = 0.5 ||w_l|| g/||g||, every conv/dense kernel and bias; one nu per sample for all examples, as the released
 code), then for each batch of 128 run PGD-20 (L-inf 8/255, signed step 0.007, uniform-norm random start, box + eps
@@ -13,10 +13,10 @@ projection, per-example best iterate) on the perturbed model and take the mean c
 reference (unperturbed PGD-20 x 10 restarts) is not timed. The paper's full measure is 10 samples x 1000 images,
 i.e. (10 / K) x (1000 / N) times the timed work. JAX: ``robust_flat.flatness.average_case`` (reference passed in,
 so it is skipped), strategy "loop" unless stated. PyTorch: eager, frozen parameters, ``torch.autograd.grad``
-w.r.t. the input, channels_last (the faster layout on CPU per the notes); ``--torch-nchw`` for NCHW.
+w.r.t. the input, channels_last (the faster layout on this CPU); ``--torch-nchw`` for NCHW.
 
 Runs are interleaved in one process (JAX, torch, JAX, torch, ...) and medians reported; the machine is shared and
-timings are noisy (up to ~1.7x between identical runs per the CPU notes).
+timings are noisy (up to ~1.7x between identical runs on the shared 2-core VM).
 
 Measured once with the defaults (2-core VM shared with other jobs, load average ~10; jax 0.10.2, torch 2.13 CPU):
 K=2 x 128 images: JAX 38.9 s, torch (channels_last) 53.2 s, JAX/torch 0.73 (medians of 3); JAX first call 87.6 s

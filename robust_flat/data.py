@@ -36,7 +36,7 @@ Arrays = Tuple[np.ndarray, np.ndarray]
 TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "synthetic": 10}
 
-# The paper's evaluation subsets (`C:experiments/iccv/common.py`; reference doc section 2.5).
+# The paper's evaluation subsets, as the released code defines them (docs/paper-vs-code.md#subsets).
 SUBSETS = {
     "test_first1000": ("test", slice(0, 1000)),   # RErr (AA), RLoss (PGD-20x10), all flatness measures
     "test_last500": ("test", slice(-500, None)),  # early stopping; Hessian
@@ -418,7 +418,7 @@ def augment(key, images, pad: int = 4, flip: bool = True):
     """Random crop after zero padding by ``pad`` pixels, and horizontal flip, per example, on device (jittable).
 
     The paper's "random crop (<= 4 px)" with the usual pad-and-crop; the released code used imgaug's
-    CropAndPad + resize (T6), which is not reproduced.
+    CropAndPad + resize (docs/paper-vs-code.md#crop), which is not reproduced.
     """
     import jax
     import jax.numpy as jnp

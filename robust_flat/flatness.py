@@ -1,25 +1,27 @@
 """Flatness of the robust (and clean) loss in weight space: the paper's average-case and worst-case measures.
 
-Average-case (paper eq. main-average, section 1.2 of the reference notes)::
+Average-case (the paper's definition; its supplement gives the settings below)::
 
     avg = E_{nu in B_xi(w)} [ mean_i max_{||delta|| <= eps} L(x_i + delta; w + nu) ] - RLoss_ref(w)
 
-Worst-case (eq. main-worst, section 1.3)::
+Worst-case::
 
     worst = max_{restart a} mean_i L(x_i + delta_i^a; w + nu^a) - RLoss_ref(w)
 
 with (nu^a, delta^a) from the joint weight+input attack (:mod:`robust_flat.weights.adversarial`) and the max taken
-over the dataset-mean loss of each restart (D5, as the code). The reference RLoss_ref is PGD-20 with 10 restarts,
-worst restart per example. The clean-loss variants (``attack=None``; ``input_attack=None``) use the plain
-cross-entropy everywhere (supplement, "Flatness of Clean Loss Landscape"). The loss is cross-entropy, evaluated per
-example and averaged over the dataset.
+over the dataset-mean loss of each restart (as the code; docs/paper-vs-code.md#worst-case-restarts). The reference
+RLoss_ref is PGD-20 with 10 restarts, worst restart per example. The clean-loss variants (``attack=None``;
+``input_attack=None``) use the plain cross-entropy everywhere (supplement, "Flatness of Clean Loss Landscape"). The
+loss is cross-entropy, evaluated per example and averaged over the dataset.
 
 Defaults are the paper's: xi = 0.5 with 10 samples and PGD-20 (eps 8/255, step 0.007) for the average case;
 xi = 0.003 (the paper's tables; its main-text setup says 0.00075, the code's notebook uses 0.00075 -- pass
-``Neighbourhood(xi=0.00075)`` for that), weight lr 0.001 (paper; the code uses 0.01), 20 iterations and 10
-restarts for the worst case. Documented choices where paper and code differ:
+``Neighbourhood(xi=0.00075)`` for that; #worst-case-xi), weight lr 0.001 (paper; the code uses 0.01;
+#worst-case-lr), 20 iterations and 10 restarts for the worst case; one nu for the whole dataset (the code's, below).
+Documented choices where paper and code differ (sections of docs/paper-vs-code.md):
 
-* ``distribution``: ``"ball"`` (paper: nu inside the ball) by default, ``"sphere"`` reproduces the code (D1). On
+* ``distribution``: ``"ball"`` (paper: nu inside the ball) by default, ``"sphere"`` reproduces the code
+  (#nu-distribution). On
   layers with many weights the two coincide (the radius law u**(1/d) is ~1).
 * ``nu_per``: ``"dataset"`` (default; the released code, docs/paper-vs-code.md#nu-per): one nu per
   sample/restart for the whole evaluation set, so a sample is one network and the per-sample losses are those of K
@@ -73,8 +75,8 @@ def default_strategy(backend: Optional[str] = None) -> str:
     """``"loop"`` on every backend, from measurements (``benchmarks/flatness_speed.py``):
 
     * CPU (2-core VM, small CNN, K=4 samples x PGD-20 on 32 images): loop 17.6 s, chunked(2) 32.7 s, vmap 42.7 s --
-      vmapping over weights batches the convolutions over weight copies, which XLA:CPU runs slowly (the CPU notes saw
-      ~14x for forwards).
+      vmapping over weights batches the convolutions over weight copies, which XLA:CPU runs slowly (~14x
+      slower forwards in an earlier measurement).
     * GPU (one H200, jax 0.11.2, K=10 x PGD-20 on 128 images, medians of 3): ResNet-18 loop 0.464 s, chunked(2)
       0.604 s, chunked(5) 0.532 s, vmap 0.529 s; small CNN loop 0.085 s, chunked(2) 0.079 s, chunked(5) 0.068 s,
       vmap 0.061 s. A ResNet-18 batch of 128 already fills the GPU, so batching weight copies only adds work; the

@@ -16,7 +16,7 @@ Pieces:
   distribution (1/n) sum_j delta(t - lambda_j).
 * :func:`run_cli` for ``experiments/flatness.py --measure hessian``.
 
-What the paper / code compute (reference doc section 1.7, D13): the **largest eigenvalue** (and |lambda_min| /
+What the paper / code compute (docs/paper-vs-code.md#hessian): the **largest eigenvalue** (and |lambda_min| /
 lambda_max) of the Hessian of the **clean** cross-entropy, model in **eval** mode (BN running statistics), w.r.t.
 **all tensors with >= 2 dims** (conv and dense kernels; biases, BN parameters and the whitening excluded), on the
 **last 500 test images** in 4 batches, with the HVPs **summed over batches** (each batch contributes the Hessian of
@@ -114,7 +114,7 @@ def merge_params(selected: dict, rest: dict):
 # ------------------------------------------------------------------------------------------------ the operator
 @dataclasses.dataclass(frozen=True)
 class HessianConfig:
-    """Defaults reproduce the paper's Hessian (= the released code, reference doc D13).
+    """Defaults reproduce the paper's Hessian (= the released code, docs/paper-vs-code.md#hessian).
 
     ``loss``: ``"clean"`` (paper/code) or ``"robust"`` (CE at PGD adversarial examples computed once at the given
     weights and then held fixed). ``select``: see :func:`resolve_filter` (default: tensors with >= 2 dims).

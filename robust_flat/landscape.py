@@ -1,5 +1,5 @@
-"""1D curves and 2D surfaces of the robust (and clean) loss along weight-space directions (paper section 3.1,
-Fig. 1; supplement "Visualization Details"; reference doc section 1.8).
+"""1D curves and 2D surfaces of the robust (and clean) loss along weight-space directions (paper Fig. 1;
+supplement "Visualization Details"; docs/paper-vs-code.md#landscape).
 
 At every point ``w + s * d`` (1D) or ``w + a * d1 + b * d2`` (2D) the adversarial examples are **recomputed** by PGD
 against the perturbed model (eval-mode BN), and the robust loss RLoss = mean CE at those examples is recorded
@@ -12,7 +12,8 @@ Directions (pytrees with the structure of ``params``; unselected leaves -- BN, w
 * ``adversarial``: the weight perturbation found by a weight-only attack on the CE at adversarial examples computed
   once by PGD at ``w`` (the code's recipe: ``weight_l2_gd_nonorm2_lwrl2normalized_i7_lr001_mom0_e0005_at10``, i.e.
   xi = 0.005, 7 steps, lr 0.01, one random start per direction, PGD-10 inputs). The paper only says "adversarial
-  directions"; we return the attack's last iterate (the code returns its best-so-far state, quirk 1.5(b));
+  directions"; we return the attack's last iterate (the code returns its best-so-far state,
+  docs/paper-vs-code.md#joint-attack);
 * ``hessian``: the top eigenvector of the Hessian (:mod:`robust_flat.hessian`; default: clean CE, tensors with
   >= 2 dims, on the same examples).
 
@@ -26,14 +27,13 @@ Normalization (``LandscapeConfig.normalization``), then rescaling by ``scale``:
   Hessian directions: layer-wise, times 0.5.
 * ``"filter"`` (Li et al. 2018; paper Fig. supp-visualization-li): the same per output filter of conv kernels (HWIO:
   last axis); dense kernels and biases per tensor, as the code's filter-wise variants.
-* ``"layer_max"`` (released code, D9, ``C:common/visualization.py::weight_direction``, ``layer_l2_05`` /
-  ``layer_l2_001``): ``d_l <- d_l * scale * max|w_l| / max|d_l|``; the code uses scale 0.5 (random) and 0.01
-  (adversarial).
+* ``"layer_max"`` (released code, its ``layer_l2_05`` / ``layer_l2_001`` options):
+  ``d_l <- d_l * scale * max|w_l| / max|d_l|``; the code uses scale 0.5 (random) and 0.01 (adversarial).
 * ``"none"``: ``d <- scale * d``.
 
 Paper defaults (:class:`LandscapeConfig`): 51 points in [-1, 1], mean RLoss over 10 random directions, max RLoss
 (pointwise over s) over 10 adversarial directions, one batch of 128 test examples. The code uses the last 100 test
-images (D8); ``x`` is always used as one batch, the caller picks it. The PGD at each point defaults to PGD-20
+images; ``x`` is always used as one batch, the caller picks it. The PGD at each point defaults to PGD-20
 (eps 8/255, step 0.007, one restart: the paper's RLoss attack); the code's visualization uses PGD-10.
 """
 from __future__ import annotations
@@ -504,7 +504,7 @@ def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
     ``num_directions`` (else ``samples``, else 10), ``steps`` (51), ``span`` (1), ``normalization`` (else
     ``granularity`` if layer/filter, else "layer"; "layer_max" = the code), ``random_scale`` (0.5),
     ``adversarial_scale`` (0.025), ``hessian_scale`` (0.5), ``pgd_steps`` (20), ``eps`` (8/255), ``num_examples``
-    (128: the first 128 of ``x``; the driver's default subset is the code's last 100 test images, D8),
+    (128: the first 128 of ``x``; the driver's default subset is the code's last 100 test images),
     ``surface`` (None), ``surface_steps`` (21), ``adversarial_xi``/``adversarial_lr``/``adversarial_steps``/
     ``direction_pgd_steps`` (0.005/0.01/7/10), ``lanczos_iters`` (40), ``seed`` (0), ``use_ema`` (False),
     ``no_progress`` (False), ``fresh`` (False).

@@ -1,7 +1,7 @@
 """One switch for XLA:CPU compiler options, applied per jitted function (never through global XLA_FLAGS).
 
 jaxlib 0.10's XLA:CPU sends every convolution to YNNPACK, whose weight-gradient convolutions are ~4-10x slower than
-XLA's own Eigen path (CPU performance notes). :func:`jit` adds
+XLA's own Eigen path (measured; ``benchmarks/README.md``). :func:`jit` adds
 ``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`` (keeps YNNPACK's reductions, moves convolutions
 back to Eigen) when the default backend is CPU. Numerically identical within float tolerance.
 

@@ -21,7 +21,7 @@ def test_run_writes_valid_json(tmp_path):
     assert "small_cnn" in proc.stdout and "pgd_step" in proc.stdout
     meta = result["meta"]
     assert meta["batch_size"] == 8 and meta["matmul_peak"]["start"]["n"] == 256
-    # analytic MACs of the small CNN (conv 32-32-pool-64-64-pool, dense 4096-128-10), as in the CPU notes
+    # analytic MACs of the small CNN (conv 32-32-pool-64-64-pool, dense 4096-128-10)
     assert meta["models"]["small_cnn"]["forward_gmac_per_image"] == pytest.approx(0.025003264)
     row, apgd_row = result["rows"]
     assert (row["model"], row["row"], row["batch_size"]) == ("small_cnn", "pgd_step", 8)

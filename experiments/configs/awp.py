@@ -1,12 +1,13 @@
 """AT-AWP (Wu et al. 2020) on the paper's AT recipe: PGD-7 inputs, then one normalized adversarial weight step in the
 layer-wise relative ball B_xi(w) (xi = 0.01, the paper's best), gradients at w + nu clipped to +-0.05 and applied to
-w. Reference doc 4.3: RErr 54.3% with AutoAttack, the paper's most robust and flattest method. The paper's grid:
+w. The paper reports RErr 54.3% with AutoAttack, the paper's most robust and flattest method. The paper's grid:
 xi in 0.0005, 0.001, 0.005, 0.01, 0.015, 0.02 with 1-7 iterations.
 
     python -m experiments.cifar10_at --config=experiments/configs/awp.py --run-dir runs/awp001 --data-dir DIR
     python -m experiments.cifar10_at --config=experiments/configs/awp.py:smoke --config.awp.xi=0.005
 
-As released, the code's one-step configs apply no perturbation (reference doc T14): ``--config.awp.xi=0``.
+As released, the code's one-step configs apply no perturbation (docs/paper-vs-code.md#awp-one-step):
+``--config.awp.xi=0``.
 """
 import ml_collections
 

@@ -1,7 +1,8 @@
 """Entropy-SGD (Chaudhari et al. 2017) with PGD-7 adversarial examples on the paper's AT recipe: L Langevin steps
 per outer step, each on its own adversarially attacked mini-batch (L + 1 mini-batches of 128 per step), outer SGD
-with momentum 0 (the code's, T13), lr 0.05, weight decay 5e-4, 150 / L epochs. The paper's grid is L in 1, 2, 3, 5;
-L = 1 is its Entropy-SGD model in the main figure (reference doc 4.3: RErr 58.6%, average-case flatness 0.28).
+with momentum 0 (the code's, docs/paper-vs-code.md#entropy-sgd), lr 0.05, weight decay 5e-4, 150 / L epochs. The
+paper's grid is L in 1, 2, 3, 5; L = 1 is its Entropy-SGD model in the main figure (the paper reports RErr 58.6%,
+average-case flatness 0.28).
 
     python -m experiments.cifar10_at --config=experiments/configs/entropy_sgd.py --run-dir runs/esgd1 --data-dir DIR
     python -m experiments.cifar10_at --config=experiments/configs/entropy_sgd.py --config.esgd.L=2 ...  # 75 epochs

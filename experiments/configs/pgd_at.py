@@ -4,7 +4,7 @@
     python -m experiments.cifar10_at --config=experiments/configs/pgd_at.py --run-dir runs/at --data-dir DIR
     python -m experiments.cifar10_at --config=experiments/configs/pgd_at.py:smoke   # offline, synthetic data
 
-Paper numbers for this recipe (ResNet-18, reference doc 4.3): RErr (AutoAttack) 62.8% at the last epoch,
+Paper numbers for this recipe (ResNet-18, its main table): RErr (AutoAttack) 62.8% at the last epoch,
 54.6% early-stopped; test RLoss 3.91 (last) vs 1.53 (early-stopped).
 """
 from experiments.configs.common import apply_preset, base_config

@@ -34,7 +34,7 @@ with the start point as reference.
 Loop structure (``loop``). XLA:CPU runs a convolution's forward/backward inside a ``while`` loop (any rolled
 ``lax.scan``/``fori_loop``, whatever its ``unroll`` factor, and ``lax.cond`` bodies inside one) 5-7x slower than the
 same ops outside a loop (measured: small CNN, batch 64, APGD-CE 20 iterations: 42-46 s as a scan with unroll 1, 4 or
-20, vs 6-8 s for the same iterations outside a loop, the time of an unrolled PGD-20; see the report of issue 4).
+20, vs 6-8 s for the same iterations outside a loop, the time of an unrolled PGD-20).
 Unrolling all 100 iterations into one program avoids that but compiles for minutes. So ``loop="host"`` (the default
 on CPU through ``"auto"``) drives restarts/targets and chunks of ``unroll`` iterations from Python, each chunk one
 compiled, Python-unrolled program (one compile per chunk length, ~5 forward/backward passes for the default 5; the

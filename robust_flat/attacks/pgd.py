@@ -1,10 +1,10 @@
-"""Projected gradient descent (Madry et al.) as the paper uses it (`C:attacks/batch_gradient_descent.py`).
+"""Projected gradient descent (Madry et al.) as the paper uses it (and as the released code implements it).
 
 Per restart: random start (``uniform_norm`` by default, as in the code), then for i = 0..T: project onto the
 [0, 1] box and the eps-ball, forward, keep the per-example best iterate (highest loss, the initial point included),
 and, for i < T, a signed (L-inf) or L2-normalized ascent step. T + 1 forwards, T backwards. Across restarts the
 per-example worst case (highest loss) is kept. Loops are unrolled by default: on XLA:CPU a rolled ``fori_loop`` is
-2-5x slower (CPU performance notes); set ``unroll=False`` for long attacks where compile time matters.
+2-5x slower (measured); set ``unroll=False`` for long attacks where compile time matters.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class PGDConfig:
 
     ``best_iterate``: ``"example"`` (paper), ``"batch"`` (one iteration for the whole batch by summed loss, as the
     code's TRADES KL objective does) or ``"last"``. ``restart_selection``: ``"loss"`` (paper: max loss per example)
-    or ``"confidence"`` (code/notebook: max wrong-class probability per example).
+    or ``"confidence"`` (code/notebook: max wrong-class probability per example;
+    docs/paper-vs-code.md#reference-restarts).
     """
 
     eps: float = 8 / 255

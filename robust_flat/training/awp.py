@@ -16,9 +16,9 @@ tensors on ResNet-18); ``include_bias=True`` perturbs the biases too. Curriculum
 every batch (the code's ``simple``); ``loss_threshold=2.1`` only while the batch's robust loss at w is below it (the
 code's ``threshold``).
 
-Where the released code differs (reference doc T14): its one-step weight attack returns the model *before* its
-update, so as released the one-step configs train with nu = 0, i.e. AT with gradient clipping and an extra
-batch-norm update. That variant is ``--config.awp.xi=0``. Its multi-step configs (1/3/5 iterations with lr 0.01 or
+Where the released code differs (docs/paper-vs-code.md#awp-one-step): its one-step weight attack returns the model
+*before* its update, so as released the one-step configs train with nu = 0, i.e. AT with gradient clipping and an
+extra batch-norm update. That variant is ``--config.awp.xi=0``. Its multi-step configs (1/3/5 iterations with lr 0.01 or
 1) are ``--config.awp.steps=K --config.awp.lr=LR``, except that they keep the best of the states after 0..K-1
 updates, whereas this returns the last iterate.
 """

@@ -4,8 +4,7 @@ vs AT's 62.8%; "avg" flatness).
 Entropy-SGD descends the local entropy, a smoothed loss: an inner loop of L stochastic-gradient Langevin steps
 explores the neighbourhood of w, and the outer step moves w towards the running average mu of those iterates.
 One outer step consumes L + 1 mini-batches, each attacked with a fresh PGD-7 (eval-mode BN at the current iterate),
-as in the released code (`C:common/torch/optim.py::EntropySGD`, ported from ucla-vision/entropy-sgd, and
-`C:common/train/entropy_adversarial_training.py`):
+as in the released code (its Entropy-SGD optimizer is ported from ucla-vision/entropy-sgd):
 
 * mini-batch 0: adversarial loss at w (train-mode forward: batch-norm statistics, reported as ``batch_loss``);
   its gradient is not used (the code computes and discards it);
@@ -17,8 +16,9 @@ as in the released code (`C:common/torch/optim.py::EntropySGD`, ported from ucla
   ``w - mu``; gamma_t = gamma0 (1 + gamma1)^t with t the outer step.
 
 Batch-norm statistics are updated by every train-mode forward, L + 1 per outer step, in order. Defaults (the code's;
-the paper does not state them, T13): eta' = 0.1, beta1 = 0.75, noise 1e-4, gamma0 = 1e-4, gamma1 = 1e-3,
-outer lr 0.05, weight decay 5e-4, momentum 0; 150 / L epochs with the usual milestones at 2/5, 3/5, 4/5.
+the paper does not state them, docs/paper-vs-code.md#entropy-sgd): eta' = 0.1, beta1 = 0.75, noise 1e-4,
+gamma0 = 1e-4, gamma1 = 1e-3, outer lr 0.05, weight decay 5e-4, momentum 0; 150 / L epochs with the usual milestones
+at 2/5, 3/5, 4/5.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ forwards on the clean and then the adversarial batch (batch-norm statistics upda
 
 where y'_i is the most likely wrong class under the adversarial prediction: the boosted cross-entropy on the
 adversarial example plus a KL term weighted towards misclassified clean examples. Constants and term order are the
-released code's (`C:common/train/mart_adversarial_training.py`, itself the MART authors' code); the paper gives no
-further detail. ``beta`` is the paper's lambda (grid 1, 3, 6, 9).
+released code's (itself the MART authors' code); the paper gives no further detail
+(docs/paper-vs-code.md#trades-mart). ``beta`` is the paper's lambda (grid 1, 3, 6, 9).
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ eps-ball -> **train**-mode loss
     CE(f(x), y) + beta * mean_i KL(p(x_i) || p(x'_i))
 
 with two separate train-mode forwards, clean then adversarial (batch-norm statistics are updated by both, in that
-order), gradients through both, one optimizer step. This is the released code's
-(`C:common/train/trades_adversarial_training.py`; the paper gives no further detail): its attack is the AT attack
+order), gradients through both, one optimizer step. This is the released code's (the paper gives no further
+detail; docs/paper-vs-code.md#trades-mart): its attack is the AT attack
 (PGD-7, step 0.007, the ``uniform_norm`` start) on the KL objective, and because that objective is one number per
 batch its best iterate is chosen for the whole batch (``best_iterate="batch"``). The original TRADES attack starts
 from 0.001 * N(0, I) and returns the last iterate: ``--config.attack.init=small_normal

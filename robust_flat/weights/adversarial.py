@@ -1,27 +1,28 @@
 """Adversarial weight perturbations: projected gradient ascent on nu in B_xi(w), alone or jointly with the inputs.
 
-Weight-only (worst-case flatness of the clean loss; `C:attacks/weights/gradient_descent_attack.py`) and joint
-weight+input (worst-case flatness of the robust loss, paper section 1.3; `C:attacks/weights_inputs/
-gradient_descent_attack.py`). One iteration, from the current point (nu, delta):
+Weight-only (worst-case flatness of the clean loss) and joint weight+input (worst-case flatness of the robust
+loss), as the paper defines them and the released code implements them. One iteration, from the current point
+(nu, delta):
 
     g_nu, g_delta = grad of  sum_i mask_i * L(f(x_i + delta_i; w + nu), y_i)     (L = cross-entropy)
     nu    <- P_B( nu + lr * g_nu_l / ||g_nu_l|| * ||w_l|| )      per layer (paper eq. supp-normalization)
     delta <- P_box,eps( delta + step_size * sign(g_delta) )     (only with ``input_attack``)
 
 Both are updated from gradients taken at the same point and both are projected every iteration (the paper and the
-code). Differences to the released code, all documented choices:
+code). Differences to the released code, all documented choices (docs/paper-vs-code.md#joint-attack):
 
-* the first gradient is taken at ``w + nu_0`` (the code's weight-only attack takes it at ``w``; pitfall 9);
+* the first gradient is taken at ``w + nu_0`` (the code's weight-only attack takes it at ``w``);
 * ``delta_0`` is projected onto the box before the first forward (the code does not; our models clamp inputs to
   [0, 1] internally, so only the gradient through the clamp differs);
 * ``best_iterate="last"`` (default; the code returns the last iterate, the paper does not say) or ``"best"`` (the
   iterate with the highest masked batch loss, the final one included);
-* ``lr`` defaults to the paper's 0.001; the code uses 0.01 (``lr=0.01``). With xi = 0.003 the paper's step is 1/3
-  of the radius, the code's step overshoots the radius every time (nu sits on the sphere).
+* ``lr`` defaults to the paper's 0.001; the code uses 0.01 (``lr=0.01``; docs/paper-vs-code.md#worst-case-lr).
+  With xi = 0.003 the paper's step is 1/3 of the radius, the code's step overshoots the radius every time (nu sits
+  on the sphere).
 
 ``restarts`` here are per call (per batch): the restart with the highest masked mean loss is kept. The flatness
 measure (:mod:`robust_flat.flatness`) instead runs restarts over the whole dataset and takes the max of the
-dataset-mean losses (D5), calling this with ``restarts=1``.
+dataset-mean losses (docs/paper-vs-code.md#worst-case-restarts), calling this with ``restarts=1``.
 
 Pure functions on pytrees; ``logits_fn(params, model_state, x) -> logits`` (see
 :func:`robust_flat.models.make_logits_fn`, eval-mode BN) is a static argument, ``params``/``model_state`` are traced.

@@ -16,7 +16,7 @@ Options (:class:`Neighbourhood`):
   ``L2Projection(relative_epsilon)`` ablation, though restricted to the selected leaves).
 * ``relative=True`` (paper): radius ``xi * ||w_unit||``; ``relative=False``: absolute radius ``xi`` per unit.
 * ``box``: for models trained with weight clipping the code prepends the box ``[-box, box]`` on the perturbed
-  weights to the projection (`C:common/experiments/interfaces.py`); :func:`project` does the same (box first, then
+  weights to the projection (docs/paper-vs-code.md#weight-clipping); :func:`project` does the same (box first, then
   ball; the result satisfies both because the ball is shrunk towards ``w``, which lies in the box).
 
 All functions are pure, jit-able and take the neighbourhood as a static (hashable) configuration.

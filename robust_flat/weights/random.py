@@ -3,7 +3,8 @@
 Per unit (layer, filter or the global set, see :class:`~robust_flat.weights.neighbourhood.Neighbourhood`) with
 radius ``r = xi * ||w_unit||`` (original weights) and a Gaussian direction ``g / ||g||``, ``g ~ N(0, I)``:
 
-* ``"ball"`` (paper D1: "sample nu with ||nu_l|| <= xi ||w_l||"; read as uniform in the ball's volume):
+* ``"ball"`` (paper: "sample nu with ||nu_l|| <= xi ||w_l||"; read as uniform in the ball's volume;
+  docs/paper-vs-code.md#nu-distribution):
   ``nu = r * u**(1/d) * g/||g||`` with ``u ~ U[0, 1]`` and ``d`` the unit's dimension
   (the code's ``LayerWiseL2UniformBallInitialization``). For layers with thousands of weights ``u**(1/d)`` is ~1,
   so this is practically the sphere except on tiny tensors (biases).

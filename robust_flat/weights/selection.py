@@ -1,10 +1,10 @@
 """Which parameter leaves are "layers" of the weight neighbourhood B_xi(w).
 
 The paper perturbs every conv/linear weight and every conv/linear bias, each as its own layer, and leaves batch
-normalization, the frozen input whitening and auxiliary heads alone (`C:experiments/iccv/common.py::no_normalization`,
-`C:attacks/weights/attack.py::layers_`). Flax names those leaves ``.../kernel`` and ``.../bias``; every normalization
-module of :mod:`robust_flat.models` has ``norm`` in its name (Flax's own ``BatchNorm_0``/``LayerNorm_0`` too), so the
-default filter is a path pattern:
+normalization, the frozen input whitening and auxiliary heads alone (as the released code's ``no_normalization``
+selection). Flax names those leaves ``.../kernel`` and ``.../bias``; every normalization module of
+:mod:`robust_flat.models` has ``norm`` in its name (Flax's own ``BatchNorm_0``/``LayerNorm_0`` too), so the default
+filter is a path pattern:
 
 * a leaf is selected iff its path matches one of ``include`` and none of ``exclude`` (``re.search``, case-insensitive
   unless ``case_sensitive``), and it is a floating-point array;
