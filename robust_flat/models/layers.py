@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-# Per-channel mean/std of the CIFAR-10 training pixels (the paper's frozen whitening, `C:models/classifier.py`).
+# Per-channel mean/std of the CIFAR-10 training pixels (the paper's frozen whitening, as in the released code).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -51,7 +51,7 @@ class Whiten(nn.Module):
 class ReBatchNorm(nn.Module):
     """Batch normalization with the paper's re-parameterized scale ``1 + gamma`` (gamma initialized to 0).
 
-    `C:common/torch/modules.py::ReparameterizedBatchNorm2d`: weight decay therefore pulls the effective scale
+    As the released code's ``ReparameterizedBatchNorm2d``: weight decay therefore pulls the effective scale
     towards 1, not 0. PyTorch momentum 0.1 corresponds to ``momentum=0.9`` here; eps 1e-5 as in PyTorch.
     """
 
@@ -107,7 +107,8 @@ ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
     "mish": mish,
-    # Paper: x * sigmoid(1.702 x). The released code uses the exact erf GELU: activation "gelu_erf".
+    # Paper: x * sigmoid(1.702 x). The released code uses the exact erf GELU: activation "gelu_erf"
+    # (docs/paper-vs-code.md#gelu).
     "gelu": gelu_sigmoid,
     "gelu_erf": lambda x: jax.nn.gelu(x, approximate=False),
 }
@@ -124,7 +125,7 @@ def max_pool_2x2(x):
     """2x2/stride-2 max-pool as reshape + max, with a gradient that goes to the first maximum of each window.
 
     XLA:CPU's reduce_window backward costs 40-80 ms per pooling layer; reshape + max costs 5-15 ms and gives the
-    same values (see the CPU performance notes). Autodiff of that max still spends a reduction per window on the
+    same values (measured). Autodiff of that max still spends a reduction per window on the
     tie count (JAX splits the gradient evenly among tied maxima); the custom JVP below routes each window's tangent
     to its first maximum in row-major order instead, as PyTorch's ``max_pool2d`` and cuDNN do, using elementwise
     ops only (2.5x faster backward on XLA:CPU). Ties are common in real images (flat regions give equal conv outputs
@@ -167,6 +168,6 @@ def _max_pool_2x2_jvp(primals, tangents):
     return out, jnp.sum(jnp.where(mask, _windows(t), jnp.zeros((), t.dtype)), axis=(2, 4))
 
 
-# Kaiming normal with gain sqrt(2): fan_out for convs, fan_in for the classifier (`C:common/torch/init.py`).
+# Kaiming normal with gain sqrt(2): fan_out for convs, fan_in for the classifier (as the released code).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")

@@ -1,4 +1,4 @@
-"""ResNet-18 for CIFAR as in the paper (`C:models/resnet.py`, `resnet_block.py`).
+"""ResNet-18 for CIFAR as in the paper (and the released code's ``ResNet``).
 
 3x3 stem conv (stride 1, with bias) -> norm -> act; four stages of BasicBlocks [2,2,2,2] with 64/128/256/512
 channels and strides 1/2/2/2; 1x1 shortcut conv (with bias) + norm when the shape changes; global average pool;
