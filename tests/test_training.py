@@ -155,3 +155,85 @@ def test_two_devices_match_one_device(tmp_path):
     two, one = load_run(two_dir, "last"), load_run(one_dir, "last")
     for a, b in zip(jax.tree.leaves((two.params, two.model_state)), jax.tree.leaves((one.params, one.model_state))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)  # measured max 2.3e-5
+
+
+def test_every_run_directory_gets_curves_png_and_the_start_line_gives_the_eval_cost(reference_run):
+    run_dir, _ = reference_run
+    path = os.path.join(run_dir, "curves.png")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(path).shape[:2] == (360, 1100)  # the whole figure was drawn
+    assert not [f for f in os.listdir(run_dir) if f.startswith(".tmp-")]  # written atomically
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "per-epoch evaluation ~1.38 x an epoch's cost (over 0.25" in log  # tiny: a test fixture, exempt
+    assert "eval " in log.split("epoch 1/2:")[1].splitlines()[0]  # the epoch line gives the evaluation's time
+
+
+def test_a_failing_plot_is_logged_once_and_never_raised(tmp_path, monkeypatch):
+    from robust_flat import curves
+    from robust_flat.training import trainer
+
+    def broken(run_dir):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(curves, "write_curves", broken)
+    logged, warned = [], []
+    for _ in range(3):
+        trainer._write_curves(str(tmp_path), logged.append, warned)
+    assert len(logged) == 1 and "curves.png not written (RuntimeError: no display)" in logged[0]
+
+
+def test_curves_png_is_cheap_and_skips_torn_lines(tmp_path):
+    from robust_flat.curves import read_metrics, write_curves
+
+    rng = np.random.default_rng(0)
+    lines = [json.dumps({"epoch": e, **{k: float(v) for k, v in zip(
+        ("batch_loss", "batch_error", "train_loss", "train_error", "train_robust_loss", "train_robust_error",
+         "test_loss", "test_error", "test_robust_loss", "test_robust_error"), rng.uniform(0.01, 1, 10))},
+        **({"es_robust_error": 0.5 - e / 1000} if e % 5 == 0 else {})}) for e in range(1, 151)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"epoch": 151, "train_lo')  # a torn last line
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["epoch"] for r in records] == list(range(1, 151))
+    write_curves(str(tmp_path))  # the first call imports matplotlib
+    t0 = time.time()
+    write_curves(str(tmp_path))
+    assert time.time() - t0 < 3  # ~0.2-0.4 s on the 2-core VM; generous for a loaded machine
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+METHOD_CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "configs"))
+                        if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+
+
+@pytest.mark.parametrize("preset", ["paper", "cpu", "smoke"])  # tiny: the tests' fixture, exempt
+@pytest.mark.parametrize("method", METHOD_CONFIGS)
+def test_per_epoch_evaluation_costs_at_most_a_quarter_of_an_epoch(method, preset):
+    import importlib
+
+    from robust_flat.training.monitor import eval_cost
+
+    config = importlib.import_module(f"experiments.configs.{method}").get_config(preset)
+    cost = eval_cost(config)
+    assert cost["train"] > 0 and cost["curves"] > 0
+    assert cost["ratio"] <= 0.25, (method, preset, cost)
+
+
+def test_eval_cost_counts_passes_as_documented():
+    from robust_flat.training.monitor import eval_cost
+
+    assert set(METHOD_CONFIGS) >= {"pgd_at", "clean", "trades", "mart", "awp", "entropy_sgd"}
+    c = pgd_at_config.get_config("cpu")  # 10,000 CIFAR-10 images, batch 128, PGD-7, snapshots every epoch
+    cost = eval_cost(c)
+    assert cost["train"] == 78 * 128 * (7 + 2)
+    assert cost["curves"] == 2 * c.eval.n_examples * (7 + 1)
+    assert cost["early_stopping"] == 500 * c.eval.es_restarts * (c.eval.es_steps + 1) / 1
+    c.checkpoint.snapshot_every, c.eval.n_examples = 5, 20000  # only 10,000 test images exist
+    cost = eval_cost(c)
+    assert cost["early_stopping"] == 500 * c.eval.es_restarts * (c.eval.es_steps + 1) / 5
+    assert cost["curves"] == (10000 + 10000) * 8
+    clean = clean_config.get_config("cpu")  # no attack in the step, no early stopping
+    assert eval_cost(clean)["train"] == 78 * 128 * 2 and eval_cost(clean)["early_stopping"] == 0
+    tiny = pgd_at_config.get_config("tiny")
+    assert eval_cost(tiny)["ratio"] > 0.25  # the exempt fixture: 256 images, ES on all 128 test images

@@ -9,7 +9,10 @@ A method only supplies ``make_step(config, apply_fn, tx) -> step(state, batch, r
 * a NaN or inf loss stops the run with an error naming the step; the last good checkpoint is kept;
 * snapshots every ``snapshot_every`` epochs; the best epoch by robust test error on the last 500 test images
   (PGD-7, 5 restarts: the paper's early stopping);
-* per-epoch clean and robust loss/error on train and test subsets -> ``RUN/metrics.jsonl``;
+* per-epoch clean and robust loss/error on train and test subsets -> ``RUN/metrics.jsonl`` (with a progress bar;
+  the START line gives its cost relative to an epoch, :func:`robust_flat.training.monitor.eval_cost`), and their
+  curves -> ``RUN/curves.png`` (:mod:`robust_flat.curves`, rewritten every epoch; a plotting error is logged once
+  and never stops the run);
 * data parallelism over all devices with ``jax.sharding`` (batch split on a ``data`` mesh axis), also across the
   processes of a multi-host run (:mod:`robust_flat.distributed`): each process gathers only its devices' rows of
   every batch, process 0 alone writes the log, metrics and config, and orbax writes each checkpoint once.
@@ -33,7 +36,7 @@ from robust_flat.io import atomic_write_text
 from robust_flat.attacks.pgd import PGDConfig
 from robust_flat.checkpoint import Checkpointer
 from robust_flat.training import make_step
-from robust_flat.training.monitor import evaluate
+from robust_flat.training.monitor import eval_cost, evaluate
 from robust_flat.training.optim import make_optimizer
 from robust_flat.training.state import TrainState, create_train_state
 
@@ -148,6 +151,26 @@ def load_data(config, log):
     return x_train, y_train, x_test, y_test
 
 
+def _write_curves(run_dir: str, log, warned: list) -> None:
+    """``RUN/curves.png`` from ``RUN/metrics.jsonl``; any error is logged once (``warned``) and never raised."""
+    try:
+        from robust_flat.curves import write_curves
+
+        write_curves(run_dir)
+    except Exception as e:  # a plot must never end a training run
+        if not warned:
+            warned.append(e)
+            log(f"WARNING: curves.png not written ({type(e).__name__}: {e}); training goes on (shown once)")
+
+
+def _eval_cost_text(config, n_train: int, n_test: int) -> str:
+    cost = eval_cost(config, n_train, n_test)
+    text = f"per-epoch evaluation ~{cost['ratio']:.2f} x an epoch's cost"
+    if cost["ratio"] > 0.25:
+        text += " (over 0.25: lower eval.n_examples or eval.es_restarts, or raise checkpoint.snapshot_every)"
+    return text
+
+
 def _eval_attack(config, steps=None, restarts=1) -> PGDConfig:
     a = config.attack
     return PGDConfig(eps=a.eps, step_size=a.step_size, steps=a.steps if steps is None else steps, norm=a.norm,
@@ -217,7 +240,8 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
             f"{steps_per_epoch}), batch {bs}"
             + (f" ({per_step} x {config.train.batch_size})" if per_step > 1 else "")
             + f" on {n_dev} device(s) [{jax.default_backend()}]"
-            + (f" in {n_proc} processes" if n_proc > 1 else ""))
+            + (f" in {n_proc} processes" if n_proc > 1 else "")
+            + "; " + _eval_cost_text(config, len(x_train), len(x_test)))
         if primary:
             _truncate_metrics(metrics_path, 0)
         ckpt.save("snapshots", 0, state, {"epoch": 0, "step": 0})
@@ -242,6 +266,7 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
     # running means of the step metrics over the current epoch; checkpointed so a resumed epoch reports the same
     sums, count, t_epoch = dict(running["sums"]), int(running["count"]), time.time()
     local = 0  # steps of this epoch run by this process (for images/s)
+    curves_warned = []  # a failing plot is reported once
 
     def checkpoint_meta():
         return {**meta, "epoch": step // steps_per_epoch, "step": step, "steps_per_epoch": steps_per_epoch,
@@ -277,30 +302,42 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
                           "images_per_s": round(local * bs / max(time.time() - t_epoch, 1e-9), 1),
                           **{k: v / count for k, v in sums.items()}}
                 key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_000 + epoch)
+                is_snapshot = epoch % config.checkpoint.snapshot_every == 0 or step == total
+                early_stop = is_snapshot and config.eval.early_stopping and len(es_x)
+                t_eval = time.time()
+                ebar = tqdm(total=sum(len(ex) for ex, _ in eval_sets.values()) + (len(es_x) if early_stop else 0),
+                            unit="img", leave=False, disable=not (progress and primary), dynamic_ncols=True,
+                            file=sys.stdout)
                 for name, (ex, ey) in eval_sets.items():
                     if len(ex):
+                        ebar.set_description(f"epoch {epoch} eval {name} (PGD-{config.attack.steps})")
                         res = evaluate(logits_fn, state.params, state.model_state, ex, ey, key, _eval_attack(config),
-                                       config.eval.batch_size)
+                                       config.eval.batch_size, progress=ebar.update)
                         evals = {f"{name}_{k}": v for k, v in res.items()}
                         if set(evals) & set(sums):  # a step metric must never be overwritten by an evaluation
                             raise TrainingError(f"metric names collide: {sorted(set(evals) & set(sums))}")
                         record.update(evals)
-                is_snapshot = epoch % config.checkpoint.snapshot_every == 0 or step == total
-                if is_snapshot and config.eval.early_stopping and len(es_x):
+                if early_stop:
+                    ebar.set_description(f"epoch {epoch} early stopping (PGD-{config.eval.es_steps} x "
+                                         f"{config.eval.es_restarts})")
                     res = evaluate(logits_fn, state.params, state.model_state, es_x, es_y, key,
                                    _eval_attack(config, config.eval.es_steps, config.eval.es_restarts),
-                                   config.eval.batch_size)
+                                   config.eval.batch_size, progress=ebar.update)
                     record["es_robust_error"] = res["robust_error"]
                     if meta.get("best_robust_error") is None or res["robust_error"] < meta["best_robust_error"]:
                         meta.update(best_robust_error=res["robust_error"], best_epoch=epoch)
                         ckpt.save("best", epoch, state, {"epoch": epoch, "step": step, **res})
+                ebar.close()
+                t_eval = time.time() - t_eval
                 if primary:
                     _append_jsonl(metrics_path, record)
+                    _write_curves(run_dir, log, curves_warned)
                 if is_snapshot:
                     ckpt.save("snapshots", epoch, state, {"epoch": epoch, "step": step})
                 log(f"epoch {epoch}/{config.train.epochs}: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "time_s")
-                    + f" [{record['time_s']:.1f} s]")
+                    f"{k} {v:.4f}" for k, v in record.items()
+                    if isinstance(v, float) and k not in ("time_s", "images_per_s"))
+                    + f" [train {record['time_s']:.1f} s, {record['images_per_s']:.0f} img/s; eval {t_eval:.1f} s]")
                 sums, count, local, t_epoch = {}, 0, 0, time.time()
             if epoch_end or step % config.checkpoint.every_steps == 0 or step == total:
                 ckpt.save("latest", step, state, checkpoint_meta())
