@@ -16,7 +16,19 @@ Multi-host data parallel (one process per host or GPU, the same command on each;
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+
+def _exit_before_training(signum, frame):
+    # Until the trainer installs its own handler (which saves a checkpoint) nothing needs saving; an exception
+    # raised here could land inside an extension module's import (seen: a segfault in jaxlib), so exit directly.
+    os.write(2, b"\ninterrupted before training started; nothing was lost, run the same command again\n")
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _exit_before_training)
 
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -18,3 +18,17 @@ def test_data_dir_with_a_synthetic_config_is_refused(tmp_path):
     assert "synthetic" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert not run.exists()
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cifar10_at",
+                             "--config=experiments/configs/pgd_at.py:tiny", f"--run-dir={tmp_path / 'run'}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # importing jax / flax: long before the trainer installs its handler
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "interrupted" in err
