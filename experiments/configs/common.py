@@ -1,7 +1,8 @@
 """The base config every training config starts from: the paper's PGD-AT recipe on CIFAR-10 with ResNet-18.
 
-Values follow the paper (reference doc section 3.1), with the released code's choices where the paper's text is a
-typo or silent: weight decay 5e-4 (T1), Nesterov momentum (T2), eps 8/255 (the code uses 0.0314, D11).
+Values follow the paper's setup, with the released code's choices where the paper's text is a typo or silent: weight
+decay 5e-4, Nesterov momentum, eps 8/255 (the code uses 0.0314); see docs/paper-vs-code.md (#weight-decay,
+#nesterov, #eps).
 """
 import ml_collections
 
