@@ -9,7 +9,7 @@ paper's recipe (SGD lr 0.05, x0.1 at 40/60/80% of training) with batch 32 instea
 lr 0.05 for its batch-size variants), snapshots every 5 epochs, and a smaller radius: training and every measure at
 eps 4/255 (training PGD-5 with step 1/255). At the paper's eps 8/255 this model only underfits in this budget (a
 pilot AT run: train/test robust loss 1.91/2.03 after 18 of 30 epochs, past the first decay, test still falling), so
-nothing could overfit. Measures on 500 images instead of 1,000, with fewer samples/restarts than the paper and
+nothing could overfit. Measures on 300 images instead of 1,000, with fewer samples/restarts than the paper and
 flatness at every 10th epoch and on the early-stopped model (see ``measures``); the paper's full settings are in
 ``experiments/grids/paper.py``.
 """
@@ -20,7 +20,7 @@ def get_config():
     g = ml_collections.ConfigDict()
     g.name = "cpu"
     g.description = ("CPU-scale reproduction: small CNN (BN) on 1,000 CIFAR-10 training images, 30 epochs, "
-                     "measures on 500 test/train images")
+                     "measures on 300 test/train images")
     g.root = "runs/grid_cpu"
     g.eps = 4 / 255  # the input radius of every measure (training: attack.eps below)
     g.preset = "cpu"
@@ -30,7 +30,7 @@ def get_config():
         "train": {"epochs": 30, "batch_size": 32},
         "attack": {"eps": 4 / 255, "step_size": 1 / 255, "steps": 5},
         "checkpoint": {"snapshot_every": 5, "every_steps": 100},
-        "eval": {"n_examples": 128, "es_restarts": 1},  # per-epoch curves: cheap (snapshots get PGD-20 on 500)
+        "eval": {"n_examples": 128, "es_restarts": 1},  # per-epoch curves: cheap (snapshots get PGD-20 on 300)
     }
     g.runs = [
         dict(label="at", config="pgd_at", group="AT"),
@@ -44,18 +44,18 @@ def get_config():
     ]
     g.measures = {
         # clean and PGD-20 robust loss/error, test and train (robust generalization gap)
-        "rloss": dict(snapshots="all", subsets=("test_first1000", "train_first1000"), n_examples=500,
+        "rloss": dict(snapshots="all", subsets=("test_first1000", "train_first1000"), n_examples=300,
                       pgd_steps=20, restarts=1),
         # average-case flatness of the robust loss (paper: xi 0.5, 10 samples, 1000 images, reference PGD-20x10)
-        "avg": dict(snapshots="10,20,30,best", xi=0.5, samples=4, n_examples=500, pgd_steps=20, reference_restarts=1,
+        "avg": dict(snapshots="10,20,30,best", xi=0.5, samples=4, n_examples=300, pgd_steps=20, reference_restarts=1,
                     nu_per="dataset"),
         # worst-case flatness (paper: xi 0.003, 20 iterations, 10 restarts)
-        "worst": dict(snapshots="10,20,30,best", xi=0.003, restarts=1, n_examples=500, pgd_steps=20,
+        "worst": dict(snapshots="10,20,30,best", xi=0.003, restarts=1, n_examples=300, pgd_steps=20,
                       reference_restarts=1, attack_iters=20, nu_per="dataset"),
         # RErr of the last and the early-stopped model (AutoAttack's APGD-CE + APGD-T)
-        "autoattack": dict(snapshots="last,best", version="fast", n_examples=250, n_iter=50),
+        "autoattack": dict(snapshots="last,best", version="fast", n_examples=200, n_iter=50),
         # 1D robust-loss landscapes along random and adversarial directions
-        "landscape": dict(snapshots="last", runs=("at", "awp0.01", "trades6"), n_examples=100,
+        "landscape": dict(snapshots="last", runs=("at", "awp0.01"), n_examples=100,
                           directions="random,adversarial", num_directions=2, steps=11),
     }
     # dry-run estimates: seconds per (image x forward-backward) of the small CNN on the 2-core development machine
