@@ -43,7 +43,8 @@ def create_model(name: str, num_classes: int = 10, **options: Any) -> nn.Module:
         factory = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
-    options = {k: v for k, v in options.items() if v is not None}
+    # lists (a config read back from JSON) become tuples: module attributes must be hashable (jit static args)
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if v is not None}
     try:
         return factory(num_classes=num_classes, **options)
     except TypeError as e:

@@ -48,6 +48,13 @@ class Whiten(nn.Module):
         return ((x - mean) / std).astype(compute_dtype(self.dtype))
 
 
+def make_whiten(mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                dtype: str = "float32") -> Whiten:
+    """The models' ``whiten`` layer with per-channel constants (``None``: the CIFAR-10 ones, the default)."""
+    return Whiten(mean=CIFAR10_MEAN if mean is None else tuple(mean), std=CIFAR10_STD if std is None else tuple(std),
+                  dtype=dtype, name="whiten")
+
+
 class ReBatchNorm(nn.Module):
     """Batch normalization with the paper's re-parameterized scale ``1 + gamma`` (gamma initialized to 0).
 

@@ -1,12 +1,25 @@
-"""PreActResNet-18 (He et al. 2016), the robustness benchmarks' standard small model (Rice et al., Wong et al.)."""
+"""PreActResNet-18 (He et al. 2016), the robustness benchmarks' standard small model (Rice et al., Wong et al.).
+
+Options for published PyTorch PreActResNet-18s (:mod:`robust_flat.torch_import`), defaults unchanged:
+
+* ``shortcut_from``: what the 1x1 shortcut conv of a block that changes the shape sees. ``"activation"`` (default):
+  the block's first norm + activation output (kuangliu's PreActBlock, RobustBench's ``PreActBlockV2``, and the
+  WideResNet); ``"input"``: the raw block input (RobustBench's ``PreActBlock``: Wong2020Fast,
+  Andriushchenko2020Understanding).
+* ``final_norm``: norm + activation before the pooling (default; RobustBench's ``bn_before_fc=True``); ``False``
+  pools the last block's output directly (RobustBench's default ``PreActResNet18()``).
+* ``whiten_mean``/``whiten_std``: whitening constants (default CIFAR-10's); ``whiten=False``: none.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax.numpy as jnp
 import flax.linen as nn
 
-from robust_flat.models.layers import Whiten, compute_dtype, conv_init, dense_init, get_activation, make_norm
+from robust_flat.models.layers import compute_dtype, conv_init, dense_init, get_activation, make_norm, make_whiten
+
+SHORTCUT_FROM = ("activation", "input")
 
 
 class PreActBlock(nn.Module):
@@ -16,16 +29,20 @@ class PreActBlock(nn.Module):
     norm: str = "rebn"
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
+    shortcut_from: str = "activation"  # input of the 1x1 shortcut conv: "activation" (norm1 + act) | "input"
 
     @nn.compact
     def __call__(self, x, train: bool):
         dt = compute_dtype(self.dtype)
         act = get_activation(self.activation)
+        if self.shortcut_from not in SHORTCUT_FROM:
+            raise ValueError(f"unknown shortcut_from {self.shortcut_from!r}; choose one of {', '.join(SHORTCUT_FROM)}")
         out = act(make_norm(self.norm, "norm1", self.dtype)(x, train))
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.channels:
             shortcut = nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=False,
-                               kernel_init=conv_init, dtype=dt, name="shortcut_conv")(out)
+                               kernel_init=conv_init, dtype=dt,
+                               name="shortcut_conv")(out if self.shortcut_from == "activation" else x)
         out = nn.Conv(self.channels, (3, 3), (self.stride, self.stride), padding=1, use_bias=False,
                       kernel_init=conv_init, dtype=dt, name="conv1")(out)
         out = act(make_norm(self.norm, "norm2", self.dtype)(out, train))
@@ -45,18 +62,23 @@ class PreActResNet(nn.Module):
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
     whiten: bool = True
+    whiten_mean: Optional[Sequence[float]] = None  # None: CIFAR-10's
+    whiten_std: Optional[Sequence[float]] = None
+    shortcut_from: str = "activation"  # "activation" (default, PreActBlockV2) | "input" (RobustBench PreActBlock)
+    final_norm: bool = True  # norm + act before the pooling (RobustBench: bn_before_fc)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         dt = compute_dtype(self.dtype)
         if self.whiten:
-            x = Whiten(dtype=self.dtype, name="whiten")(x)
+            x = make_whiten(self.whiten_mean, self.whiten_std, self.dtype)(x)
         x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, kernel_init=conv_init, dtype=dt, name="conv1")(x)
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
                 x = PreActBlock(self.width * 2 ** i, stride, self.activation, self.norm, self.dropout, self.dtype,
-                                name=f"stage{i + 1}_block{j}")(x, train)
-        x = get_activation(self.activation)(make_norm(self.norm, "norm_final", self.dtype)(x, train))
+                                self.shortcut_from, name=f"stage{i + 1}_block{j}")(x, train)
+        if self.final_norm:
+            x = get_activation(self.activation)(make_norm(self.norm, "norm_final", self.dtype)(x, train))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dt, name="logits")(x).astype(jnp.float32)

@@ -3,15 +3,20 @@
 3x3 stem conv (stride 1, with bias) -> norm -> act; four stages of BasicBlocks [2,2,2,2] with 64/128/256/512
 channels and strides 1/2/2/2; 1x1 shortcut conv (with bias) + norm when the shape changes; global average pool;
 linear ``logits``. No max-pool. Input clamp + whitening inside the model, re-parameterized BN (scale 1 + gamma).
+
+Options for published PyTorch ResNet-18s (:mod:`robust_flat.torch_import`): ``conv_bias=False`` drops the bias of
+the stem and shortcut convolutions (the torchvision / RobustBench ``ResNet18``; Stutz et al.'s has them, the
+default); ``whiten_mean``/``whiten_std`` replace the CIFAR-10 whitening constants (tuples of 3 floats), and
+``whiten=False`` feeds the [0, 1] input to the first conv unchanged (no clamp either).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax.numpy as jnp
 import flax.linen as nn
 
-from robust_flat.models.layers import Whiten, compute_dtype, conv_init, dense_init, get_activation, make_norm
+from robust_flat.models.layers import compute_dtype, conv_init, dense_init, get_activation, make_norm, make_whiten
 
 
 class BasicBlock(nn.Module):
@@ -21,6 +26,7 @@ class BasicBlock(nn.Module):
     norm: str = "rebn"
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
+    conv_bias: bool = True  # bias in the 1x1 shortcut conv (Stutz et al.: yes; torchvision / RobustBench: no)
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -36,8 +42,8 @@ class BasicBlock(nn.Module):
             out = nn.Dropout(self.dropout, deterministic=not train)(out)
         out = make_norm(self.norm, "norm2", self.dtype)(out, train)
         if self.stride != 1 or x.shape[-1] != self.channels:
-            x = nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=True, kernel_init=conv_init,
-                        dtype=dt, name="shortcut_conv")(x)
+            x = nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=self.conv_bias,
+                        kernel_init=conv_init, dtype=dt, name="shortcut_conv")(x)
             x = make_norm(self.norm, "shortcut_norm", self.dtype)(x, train)
         return act(out + x)
 
@@ -51,20 +57,24 @@ class ResNet(nn.Module):
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
     whiten: bool = True
+    whiten_mean: Optional[Sequence[float]] = None  # None: CIFAR-10's
+    whiten_std: Optional[Sequence[float]] = None
+    conv_bias: bool = True  # bias in the stem and shortcut convs (Stutz et al.: yes; torchvision / RobustBench: no)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         dt = compute_dtype(self.dtype)
         act = get_activation(self.activation)
         if self.whiten:
-            x = Whiten(dtype=self.dtype, name="whiten")(x)
-        x = nn.Conv(self.width, (3, 3), padding=1, use_bias=True, kernel_init=conv_init, dtype=dt, name="conv1")(x)
+            x = make_whiten(self.whiten_mean, self.whiten_std, self.dtype)(x)
+        x = nn.Conv(self.width, (3, 3), padding=1, use_bias=self.conv_bias, kernel_init=conv_init, dtype=dt,
+                    name="conv1")(x)
         x = act(make_norm(self.norm, "norm1", self.dtype)(x, train))
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
                 x = BasicBlock(self.width * 2 ** i, stride, self.activation, self.norm, self.dropout, self.dtype,
-                               name=f"stage{i + 1}_block{j}")(x, train)
+                               self.conv_bias, name=f"stage{i + 1}_block{j}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dt, name="logits")(x).astype(jnp.float32)
 

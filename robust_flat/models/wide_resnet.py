@@ -1,10 +1,16 @@
-"""WideResNet-depth-k (Zagoruyko & Komodakis), as used by RobustBench: WRN-28-10 and WRN-34-10."""
+"""WideResNet-depth-k (Zagoruyko & Komodakis), as used by RobustBench: WRN-28-10 and WRN-34-10.
+
+``whiten_mean``/``whiten_std``: whitening constants (default CIFAR-10's); ``whiten=False``: none (RobustBench's
+WideResNet takes [0, 1] inputs as they are; see :mod:`robust_flat.torch_import`).
+"""
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import jax.numpy as jnp
 import flax.linen as nn
 
-from robust_flat.models.layers import Whiten, compute_dtype, conv_init, dense_init, get_activation, make_norm
+from robust_flat.models.layers import compute_dtype, conv_init, dense_init, get_activation, make_norm, make_whiten
 from robust_flat.models.preact_resnet import PreActBlock  # the same pre-activation basic block
 
 
@@ -17,6 +23,8 @@ class WideResNet(nn.Module):
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
     whiten: bool = True
+    whiten_mean: Optional[Sequence[float]] = None  # None: CIFAR-10's
+    whiten_std: Optional[Sequence[float]] = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -26,7 +34,7 @@ class WideResNet(nn.Module):
         n = (self.depth - 4) // 6
         widths = [16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor]
         if self.whiten:
-            x = Whiten(dtype=self.dtype, name="whiten")(x)
+            x = make_whiten(self.whiten_mean, self.whiten_std, self.dtype)(x)
         x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=conv_init, dtype=dt, name="conv1")(x)
         for i, width in enumerate(widths):
             for j in range(n):
