@@ -1,11 +1,12 @@
 """PyTorch twins of robust-flat's models, built from the Flax weights, for the benchmark's PyTorch reference rows.
 
 * ``small_cnn``: :mod:`benchmarks.torch_small_cnn` (``from_flax``), reused as is.
-* ``resnet18``: :class:`TorchResNet18` below, the same network as :class:`robust_flat.models.resnet.ResNet`:
-  clamp + whitening, 3x3 stem conv with bias, re-parameterized BN (scale ``1 + gamma``), four stages of BasicBlocks
-  [2, 2, 2, 2] (64/128/256/512 channels, strides 1/2/2/2), 1x1 shortcut conv with bias + BN where the shape changes,
-  global average pool, linear. Flax kernels are HWIO, PyTorch's OIHW; after the global pool the layouts agree, so no
-  permutation of the classifier is needed.
+* ``resnet18``: :class:`TorchResNet18` below, the same network as :class:`robust_flat.models.resnet.ResNet`, with
+  the module names of Stutz et al.'s ``models.ResNet``: clamp + whitening (``whiten.bias`` = mean, ``whiten.weight``
+  = std), 3x3 stem conv with bias (``conv1``), re-parameterized BN (scale ``1 + gamma``, ``rebn1``), four stages
+  ``block0``..``block3`` of BasicBlocks [2, 2, 2, 2] (64/128/256/512 channels, strides 1/2/2/2), 1x1 shortcut conv
+  with bias + BN where the shape changes (``downsample``), global average pool, linear ``logits``. The weights come
+  from :func:`robust_flat.torch_import.to_torch_state_dict` (layout ``resnet18_stutz``).
 
 :func:`twin` returns the eval-mode twin (float32, NCHW module; call ``.to(memory_format=torch.channels_last)`` for
 the fast layout). :func:`max_logit_difference` checks a twin against the Flax model.
@@ -29,11 +30,24 @@ class ReBatchNorm2d(tnn.Module):
         self.bias = tnn.Parameter(torch.zeros(channels))
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.momentum, self.eps = momentum, eps
 
     def forward(self, x):
         return F.batch_norm(x, self.running_mean, self.running_var, 1.0 + self.weight, self.bias, self.training,
                             self.momentum, self.eps)
+
+
+class Whiten(tnn.Module):
+    """Stutz et al.'s ``common.torch.Normalize``: ``(x - bias) / weight`` with frozen per-channel constants."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("weight", torch.tensor(std, dtype=torch.float32))
+        self.register_buffer("bias", torch.tensor(mean, dtype=torch.float32))
+
+    def forward(self, x):
+        return (x - self.bias.view(1, -1, 1, 1)) / self.weight.view(1, -1, 1, 1)
 
 
 class BasicBlock(tnn.Module):
@@ -43,14 +57,14 @@ class BasicBlock(tnn.Module):
         self.norm1 = ReBatchNorm2d(c_out)
         self.conv2 = tnn.Conv2d(c_out, c_out, 3, 1, padding=1, bias=False)
         self.norm2 = ReBatchNorm2d(c_out)
-        self.shortcut = None
+        self.downsample = None
         if stride != 1 or c_in != c_out:
-            self.shortcut = tnn.Sequential(tnn.Conv2d(c_in, c_out, 1, stride, bias=True), ReBatchNorm2d(c_out))
+            self.downsample = tnn.Sequential(tnn.Conv2d(c_in, c_out, 1, stride, bias=True), ReBatchNorm2d(c_out))
 
     def forward(self, x):
         out = torch.relu(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
-        return torch.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
 class TorchResNet18(tnn.Module):
@@ -58,69 +72,42 @@ class TorchResNet18(tnn.Module):
 
     def __init__(self, num_classes: int, mean, std, width: int = 64, stage_sizes=(2, 2, 2, 2)):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.whiten = Whiten(mean, std)
         self.conv1 = tnn.Conv2d(3, width, 3, 1, padding=1, bias=True)
-        self.norm1 = ReBatchNorm2d(width)
-        blocks, c_in = [], width
+        self.rebn1 = ReBatchNorm2d(width)
+        c_in = width
+        self.stages = len(stage_sizes)
         for i, n in enumerate(stage_sizes):
+            blocks = []
             for j in range(n):
                 c_out = width * 2 ** i
                 blocks.append(BasicBlock(c_in, c_out, 2 if (i > 0 and j == 0) else 1))
                 c_in = c_out
-        self.blocks = tnn.Sequential(*blocks)
+            setattr(self, f"block{i}", tnn.Sequential(*blocks))
         self.logits = tnn.Linear(c_in, num_classes)
 
     def forward(self, x):
         # minimum(maximum(.)) like jnp.clip: half the gradient at exactly 0 or 1 (see torch_small_cnn)
         zero, one = torch.zeros((), dtype=x.dtype), torch.ones((), dtype=x.dtype)
-        x = (torch.minimum(torch.maximum(x, zero), one) - self.mean) / self.std
-        x = torch.relu(self.norm1(self.conv1(x)))
-        x = self.blocks(x)
+        x = self.whiten(torch.minimum(torch.maximum(x, zero), one))
+        x = torch.relu(self.rebn1(self.conv1(x)))
+        for i in range(self.stages):
+            x = getattr(self, f"block{i}")(x)
         return self.logits(x.mean(dim=(2, 3)))
-
-
-def _conv(dst: tnn.Conv2d, p: dict):
-    dst.weight.copy_(torch.from_numpy(np.array(p["kernel"], np.float32).transpose(3, 2, 0, 1).copy()))
-    if dst.bias is not None:
-        dst.bias.copy_(torch.from_numpy(np.array(p["bias"], np.float32)))
-
-
-def _norm(dst: ReBatchNorm2d, p: dict, stats: dict):
-    dst.weight.copy_(torch.from_numpy(np.array(p["scale"], np.float32)))
-    dst.bias.copy_(torch.from_numpy(np.array(p["bias"], np.float32)))
-    dst.running_mean.copy_(torch.from_numpy(np.array(stats["stats"]["mean"], np.float32)))
-    dst.running_var.copy_(torch.from_numpy(np.array(stats["stats"]["var"], np.float32)))
 
 
 def resnet_from_flax(model, params, model_state) -> TorchResNet18:
     """The PyTorch copy of a Flax ``ResNet`` (default options: ReLU, ``norm="rebn"``, no dropout), eval mode."""
     if (model.activation != "relu" or model.norm != "rebn" or model.dropout > 0 or not model.whiten
-            or tuple(model.stage_sizes) != (2, 2, 2, 2)):
+            or tuple(model.stage_sizes) != (2, 2, 2, 2) or not model.conv_bias):
         raise ValueError("the PyTorch ResNet twin supports only ResNet-18 with activation='relu', norm='rebn', "
-                         "dropout=0, whiten=True")
-    from robust_flat.models.layers import CIFAR10_MEAN, CIFAR10_STD
+                         "dropout=0, whiten=True, conv_bias=True")
+    from robust_flat.torch_import import to_torch_state_dict
 
-    net = TorchResNet18(model.num_classes, CIFAR10_MEAN, CIFAR10_STD, model.width, model.stage_sizes)
-    stats = model_state["batch_stats"]
-    with torch.no_grad():
-        _conv(net.conv1, params["conv1"])
-        _norm(net.norm1, params["norm1"], stats["norm1"])
-        k = 0
-        for i, n in enumerate(model.stage_sizes):
-            for j in range(n):
-                name, block = f"stage{i + 1}_block{j}", net.blocks[k]
-                k += 1
-                p, s = params[name], stats[name]
-                _conv(block.conv1, p["conv1"])
-                _norm(block.norm1, p["norm1"], s["norm1"])
-                _conv(block.conv2, p["conv2"])
-                _norm(block.norm2, p["norm2"], s["norm2"])
-                if block.shortcut is not None:
-                    _conv(block.shortcut[0], p["shortcut_conv"])
-                    _norm(block.shortcut[1], p["shortcut_norm"], s["shortcut_norm"])
-        net.logits.weight.copy_(torch.from_numpy(np.array(params["logits"]["kernel"], np.float32).T.copy()))
-        net.logits.bias.copy_(torch.from_numpy(np.array(params["logits"]["bias"], np.float32)))
+    sd = to_torch_state_dict(model, params, model_state, "resnet18_stutz")
+    net = TorchResNet18(model.num_classes, sd["whiten.bias"].tolist(), sd["whiten.weight"].tolist(), model.width,
+                        model.stage_sizes)
+    net.load_state_dict(sd)
     return net.eval()
 
 

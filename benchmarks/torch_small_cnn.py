@@ -2,9 +2,11 @@
 
 Layout: Flax convolution kernels are HWIO, PyTorch's OIHW; inputs are NHWC in JAX and NCHW in PyTorch. The Flax
 model flattens the last feature map in (h, w, c) order, PyTorch in (c, h, w) order, so the first dense layer's rows
-are permuted accordingly (the PyTorch model keeps a plain ``flatten``). Only ``norm="none"``, ``activation="relu"``,
-no dropout (the SmallCNN defaults) are supported. :func:`max_logit_difference` checks the copy. The input clamp
-has ``jnp.clip``'s gradient (half at the box boundary), so input gradients agree too.
+are permuted accordingly (the PyTorch model keeps a plain ``flatten``); the conversion is the library's
+:func:`robust_flat.torch_import.to_torch_state_dict` (layout ``small_cnn``: this module's names). Only
+``norm="none"``, ``activation="relu"``, no dropout (the SmallCNN defaults) are supported. :func:`max_logit_difference`
+checks the copy. The input clamp has ``jnp.clip``'s gradient (half at the box boundary), so input gradients agree
+too.
 """
 from __future__ import annotations
 
@@ -46,22 +48,12 @@ def from_flax(model, params, spatial: int = 32) -> TorchSmallCNN:
         raise ValueError("the PyTorch port supports only SmallCNN(norm='none', activation='relu', dropout=0, "
                          "whiten=True)")
     from robust_flat.models.layers import CIFAR10_MEAN, CIFAR10_STD
+    from robust_flat.torch_import import to_torch_state_dict
 
     channels = [c * model.width for c in model.channels]
     hidden = model.hidden * model.width
     net = TorchSmallCNN(channels, hidden, model.num_classes, CIFAR10_MEAN, CIFAR10_STD, spatial)
-    p = {k: {n: np.array(v, np.float32) for n, v in d.items()} for k, d in params.items()}  # writable copies
-    convs = [m for m in net.features if isinstance(m, tnn.Conv2d)]
-    with torch.no_grad():
-        for i, conv in enumerate(convs, start=1):
-            conv.weight.copy_(torch.from_numpy(p[f"conv{i}"]["kernel"].transpose(3, 2, 0, 1).copy()))  # HWIO->OIHW
-            conv.bias.copy_(torch.from_numpy(p[f"conv{i}"]["bias"]))
-        side = spatial // 2 ** len(model.channels)
-        k = p["fc1"]["kernel"].reshape(side, side, channels[-1], hidden)  # rows in (h, w, c) order
-        net.fc1.weight.copy_(torch.from_numpy(k.transpose(3, 2, 0, 1).reshape(hidden, -1).copy()))  # (c, h, w)
-        net.fc1.bias.copy_(torch.from_numpy(p["fc1"]["bias"]))
-        net.logits.weight.copy_(torch.from_numpy(p["logits"]["kernel"].T.copy()))
-        net.logits.bias.copy_(torch.from_numpy(p["logits"]["bias"]))
+    net.load_state_dict(to_torch_state_dict(model, params, {}, "small_cnn"))
     return net.eval()
 
 
