@@ -68,10 +68,6 @@ def _log(progress: bool) -> Callable[[str], None]:
     return print
 
 
-def _snapshot_tag(snapshot, epoch) -> str:
-    return f"{snapshot}-ep{epoch}" if snapshot in ("best", "last") else f"ep{snapshot}"
-
-
 def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = None,
          load_eval_set: Optional[Callable] = None) -> dict:
     """Run the CLI; returns the summary dict. ``load_run``/``load_eval_set`` default to
@@ -105,6 +101,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
         from robust_flat.data import load_eval_set
     import jax
 
+    from robust_flat.checkpoint import snapshot_tag
     from robust_flat.models import bind, make_logits_fn
 
     snapshot = args.snapshot if args.snapshot in ("best", "last") else int(args.snapshot)
@@ -124,7 +121,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     if args.attack == "autoattack" and args.version == "custom":
         label += "-" + "+".join(c.name for c in comps)
     name = args.name or (f"{label}_{args.norm}_eps{ev.eps_tag(args.eps)}_{args.subset}_n{len(x)}_"
-                         f"{_snapshot_tag(args.snapshot, loaded.epoch)}{'_ema' if args.use_ema else ''}")
+                         f"{snapshot_tag(args.snapshot, loaded.epoch)}{'_ema' if args.use_ema else ''}")
     out_dir = os.path.join(args.run_dir, "evaluations")
     json_path = os.path.join(out_dir, f"{name}.json")
     state_path = os.path.join(out_dir, f"{name}.examples.json")

@@ -139,10 +139,6 @@ def load_units(partial: PartialResults, n_units: int, n_examples: int) -> dict[i
     return done
 
 
-def _snapshot_tag(snapshot, epoch) -> str:
-    return f"{snapshot}-ep{epoch}" if snapshot in ("best", "last") else f"ep{snapshot}"
-
-
 def _load_data(load_eval_set, loaded, subset, data_dir, n):
     x, y = load_eval_set(loaded.config, subset, data_dir)
     if n is not None:
@@ -206,7 +202,9 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     x, y = _load_data(load_eval_set, loaded, subset, args.data_dir, n)
 
     xi = config.neighbourhood.xi if hasattr(config, "neighbourhood") else config.attack.neighbourhood.xi
-    name = args.name or f"{args.measure}_xi{xi:g}_{_snapshot_tag(args.snapshot, loaded.epoch)}"
+    from robust_flat.checkpoint import snapshot_tag
+
+    name = args.name or f"{args.measure}_xi{xi:g}_{snapshot_tag(args.snapshot, loaded.epoch)}"
     cfg_dict = config_to_dict(config)
     cfg_dict.pop("strategy", None)  # evaluation strategy does not change the numbers
     cfg_dict.pop("chunk_size", None)

@@ -44,13 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def snapshot_tag(snapshot: str, epoch: int) -> str:
-    return f"{snapshot}-ep{epoch}" if snapshot in ("best", "last") else f"ep{snapshot}"
-
-
 def output_name(args, epoch: int) -> str:
     if args.name:
         return args.name
+    from robust_flat.checkpoint import snapshot_tag
+
     return (f"rloss_pgd{args.pgd_steps}x{args.restarts}_{args.subset}_n{args.n_examples}_"
             f"{snapshot_tag(args.snapshot, epoch)}{'_ema' if args.use_ema else ''}")
 

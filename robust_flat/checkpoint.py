@@ -119,6 +119,11 @@ def read_config(run_dir: str):
         raise CheckpointError(f"{path} is unreadable ({e}); the run directory is damaged")
 
 
+def snapshot_tag(snapshot, epoch: int) -> str:
+    """How result files name a snapshot: ``last-ep30`` / ``best-ep12`` (the epoch the name resolved to), ``ep10``."""
+    return f"{snapshot}-ep{epoch}" if str(snapshot) in ("best", "last") else f"ep{snapshot}"
+
+
 def load_run(run_dir: str, snapshot="last") -> LoadedRun:
     """Load a trained model from a run directory.
 

@@ -618,7 +618,9 @@ def cli_output_name(args, loaded_run, measure: str) -> str:
     snapshot, epoch = cli_arg(args, "snapshot", None), getattr(loaded_run, "epoch", None)
     if snapshot is None:
         return measure if epoch is None else f"{measure}_ep{epoch}"
-    return f"{measure}_{snapshot}-ep{epoch}" if str(snapshot) in ("best", "last") else f"{measure}_ep{snapshot}"
+    from robust_flat.checkpoint import snapshot_tag
+
+    return f"{measure}_{snapshot_tag(snapshot, epoch)}"
 
 
 def cli_settings(args, loaded_run, params, x, y) -> dict:
