@@ -76,6 +76,7 @@ class Unit:
     cost: float                   # estimated seconds
     after: Optional[str] = None   # name of the unit this one needs
     state: str = "to do"
+    same_as: Optional[dict] = None  # snapshot "best": {epoch: unit measuring that epoch's model}, see es_epoch
 
 
 def _load_module(path: str):
@@ -295,7 +296,14 @@ def plan(grid, root: str, data_dir: Optional[str], python: str = sys.executable)
                 order = snap if isinstance(snap, int) else run.epochs + 1 + ("last", "best").index(snap)
                 for u in _measure_units(name, spec, run, snap, rdir, logs, base, python, grad_s, train.name):
                     keyed.append(((order, MEASURES.index(name)), u))
-        units.extend(u for _, u in sorted(keyed, key=lambda t: t[0]))
+        ordered = [u for _, u in sorted(keyed, key=lambda t: t[0])]
+        names = {u.name for u in ordered}
+        for u in ordered:
+            if u.name.endswith("_best"):  # the early-stopped model is one of the snapshots: reuse its result
+                cands = {e: u.name[:-5] + f"_ep{e}" for e in snapshot_epochs(run)}
+                cands[run.epochs] = cands[run.epochs] if cands[run.epochs] in names else u.name[:-5] + "_last"
+                u.same_as = {e: n for e, n in cands.items() if n in names}
+        units.extend(ordered)
     for u in units:
         u.state = unit_state(u)
     return runs, units
@@ -366,6 +374,43 @@ def _measure_units(name, spec, run, snap, rdir, logs, base, python, grad_s, afte
                         [os.path.join(rdir, "flatness", ".partial")], os.path.join(logs, f"landscape_{tag}.log"),
                         grad_s * n * 21 * k * steps * kinds, after))
     return out
+
+
+def es_epoch(run_dir: str) -> Optional[int]:
+    """The early-stopped epoch of a finished run as the trainer chose it: the first snapshot epoch with the lowest
+    ``es_robust_error`` in ``metrics.jsonl`` (None when the run has none)."""
+    best = None
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                err = rec.get("es_robust_error")
+                if err is not None and (best is None or err < best[0]):
+                    best = (err, int(rec["epoch"]))
+    except OSError:
+        return None
+    return None if best is None else best[1]
+
+
+def reuse_same_model(unit: Unit, by_name: dict) -> Optional[str]:
+    """For a unit on the early-stopped model whose epoch another unit of the grid measured already: copy that result
+    (the same weights, the same settings) instead of recomputing it; returns the other unit's name, or None."""
+    if not unit.same_as:
+        return None
+    epoch = es_epoch(os.path.dirname(os.path.dirname(unit.outputs[0])))
+    other = by_name.get(unit.same_as.get(epoch)) if epoch is not None else None
+    if other is None or not all(os.path.exists(p) for p in other.outputs):
+        return None
+    from robust_flat.io import atomic_write_json
+
+    with open(other.outputs[0]) as f:
+        result = json.load(f)
+    result.update(snapshot="best", same_as=os.path.basename(other.outputs[0]))
+    atomic_write_json(unit.outputs[0], result, indent=2)
+    return other.name
 
 
 def unit_state(unit: Unit) -> str:
@@ -517,6 +562,12 @@ def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None
         if dep is not None and status[dep.name] != "ok":
             status[u.name] = "skipped"
             log(f"[{i}/{total}] {u.name}: skipped ({dep.name} failed)")
+            return
+        same = reuse_same_model(u, by_name)
+        if same is not None:
+            status[u.name] = "ok"
+            u.state = "done"
+            log(f"[{i}/{total}] {u.name}: the early-stopped model is the one {same} measured; its result copied")
             return
         start = time.time()
         log(f"[{i}/{total}] {u.name}: {'resuming' if u.state == 'partial' else 'starting'} "

@@ -281,3 +281,26 @@ def test_grid_eps_reaches_every_measure(tmp_path):
             want = "0.01" if u.kind == "avg" else repr(4 / 255)
             assert u.command[u.command.index("--eps") + 1] == want, u.name
     assert "--eps" not in units[0].command
+
+
+def test_early_stopped_model_reuses_the_result_of_its_snapshot(tmp_path):
+    text = GOOD.replace('"avg": dict(snapshots="last",', '"avg": dict(snapshots="2,4,best",')
+    root = tmp_path / "root"
+    _, units = G.plan(G.load_grid(_grid(tmp_path, text)), str(root), None)
+    by = {u.name: u for u in units}
+    best = by["a/avg_best"]
+    assert best.same_as == {2: "a/avg_ep2", 4: "a/avg_ep4"}
+    assert by["a/autoattack_best"].same_as == {4: "a/autoattack_last"}
+    (root / "a").mkdir(parents=True)
+    with open(root / "a" / "metrics.jsonl", "w") as f:  # ES: the first epoch with the lowest es_robust_error
+        for e, err in ((1, None), (2, 0.5), (3, None), (4, 0.5)):
+            f.write(json.dumps({"epoch": e, **({"es_robust_error": err} if err is not None else {})}) + "\n")
+    assert G.es_epoch(str(root / "a")) == 2
+    assert G.reuse_same_model(best, by) is None  # epoch 2 not measured yet: compute
+    os.makedirs(os.path.dirname(by["a/avg_ep2"].outputs[0]))
+    with open(by["a/avg_ep2"].outputs[0], "w") as f:
+        json.dump({"flatness": 0.7, "epoch": 2, "snapshot": "2"}, f)
+    assert G.reuse_same_model(best, by) == "a/avg_ep2"
+    copied = json.load(open(best.outputs[0]))
+    assert copied["flatness"] == 0.7 and copied["epoch"] == 2 and copied["snapshot"] == "best"
+    assert G.unit_state(best) == "done"
