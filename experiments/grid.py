@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
 MEASURES = ("rloss", "autoattack", "avg", "worst", "landscape")
-STATES = ("done", "partial", "to do")
+STATES = ("done", "stale", "partial", "to do")
 
 
 class GridError(Exception):
@@ -306,6 +306,8 @@ def plan(grid, root: str, data_dir: Optional[str], python: str = sys.executable)
         units.extend(ordered)
     for u in units:
         u.state = unit_state(u)
+        if u.state == "stale":
+            u.command = [*u.command, "--fresh"]
     return runs, units
 
 
@@ -410,11 +412,47 @@ def reuse_same_model(unit: Unit, by_name: dict) -> Optional[str]:
         result = json.load(f)
     result.update(snapshot="best", same_as=os.path.basename(other.outputs[0]))
     atomic_write_json(unit.outputs[0], result, indent=2)
+    record_settings(unit.command, unit.log)
     return other.name
 
 
+def settings_key(command: Sequence[str]) -> list:
+    """What identifies a unit's result: its command without the interpreter, the data location and ``--fresh``."""
+    out, skip = [], False
+    for a in list(command)[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--data-dir":
+            skip = True
+            continue
+        if a != "--fresh":
+            out.append(a)
+    return out
+
+
+def _settings_path(log: str) -> str:
+    return os.path.splitext(log)[0] + ".settings.json"
+
+
+def record_settings(command: Sequence[str], log: str) -> None:
+    """Written next to a unit's log when it succeeds: the settings its result was made with (see unit_state)."""
+    from robust_flat.io import atomic_write_json
+
+    atomic_write_json(_settings_path(log), settings_key(command))
+
+
 def unit_state(unit: Unit) -> str:
+    """``done``; ``stale`` (a measurement's result exists but was made with other settings than the grid now asks
+    for: it is recomputed, with ``--fresh``); ``partial`` (resumable work left behind); or ``to do``."""
     if all(os.path.exists(p) for p in unit.outputs):
+        if unit.kind != "train":  # training: the trainer itself refuses a run directory with another config
+            try:
+                with open(_settings_path(unit.log)) as f:
+                    if json.load(f) != settings_key(unit.command):
+                        return "stale"
+            except (OSError, ValueError):
+                pass  # made before settings were recorded, or by hand: taken as done
         return "done"
     if unit.kind == "train":
         return "partial" if os.path.isdir(unit.partial[0]) and os.listdir(unit.partial[0]) else "to do"
@@ -477,10 +515,12 @@ def run_unit(command: Sequence[str], log: str, done_marker: Optional[str] = None
                 _IN_PROCESS.release()
         else:
             rc = _run_child(command, f)
-    if rc == 0 and done_marker:
-        from robust_flat.io import atomic_write_text
+    if rc == 0:
+        record_settings(command, log)
+        if done_marker:
+            from robust_flat.io import atomic_write_text
 
-        atomic_write_text(done_marker, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+            atomic_write_text(done_marker, time.strftime("%Y-%m-%d %H:%M:%S\n"))
     return rc
 
 
@@ -728,7 +768,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{u.name:<{width}}  {u.state:<7}  ~{_fmt_s(u.cost):>7}  {u.kind}")
         basis = (f"scaled by the measured time of done units ({', '.join(f'{k} x{v:.2f}' for k, v in scale.items())})"
                  if scale else "from the grid's cost settings")
-        print(f"{len(units)} units: {counts['done']} done, {counts['partial']} partial, {counts['to do']} to do; "
+        print(f"{len(units)} units: {counts['done']} done, {counts['stale']} stale, {counts['partial']} partial, "
+              f"{counts['to do']} to do; "
               f"estimated {_fmt_s(left)} left, {basis}")
         return 0
     if data_dir is None and any(r for r in runs):
@@ -738,7 +779,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.makedirs(root, exist_ok=True)
     atomic_write_json(os.path.join(root, "grid.json"), grid_record(grid, runs, args.grid), indent=2)
     print(f"grid {grid.get('name', args.grid)} in {root}: {counts['done']} of {len(units)} units done, "
-          f"{counts['partial'] + counts['to do']} to run (estimated {_fmt_s(left)})", flush=True)
+          f"{len(units) - counts['done']} to run (estimated {_fmt_s(left)})", flush=True)
     if args.launcher == "slurm":
         failed = run_submitit(units, os.path.join(root, "_submitit"), partition=args.partition, gpus=args.gpus,
                               cpus=args.cpus, time_min=args.time_min)

@@ -198,7 +198,7 @@ def test_dry_run_lists_units_states_and_estimate(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split()[:2] == ["a/train", "to"] and "12 units: 0 done, 0 partial, 12 to do" in lines[-1]
+    assert lines[0].split()[:2] == ["a/train", "to"] and "12 units: 0 done, 0 stale, 0 partial, 12 to do" in lines[-1]
     assert not (tmp_path / "root").exists()
 
 
@@ -304,3 +304,24 @@ def test_early_stopped_model_reuses_the_result_of_its_snapshot(tmp_path):
     copied = json.load(open(best.outputs[0]))
     assert copied["flatness"] == 0.7 and copied["epoch"] == 2 and copied["snapshot"] == "best"
     assert G.unit_state(best) == "done"
+
+
+def test_a_result_made_with_other_settings_is_stale_and_recomputed_fresh(tmp_path):
+    path = _grid(tmp_path)
+    root = tmp_path / "root"
+    _, units = G.plan(G.load_grid(path), str(root), "DATA")
+    u = next(x for x in units if x.name == "a/avg_last")
+    os.makedirs(os.path.dirname(u.outputs[0]))
+    open(u.outputs[0], "w").write("{}")
+    assert G.unit_state(u) == "done"  # no settings recorded (older grid, or by hand): taken as done
+    G.record_settings(u.command, u.log)
+    _, units = G.plan(G.load_grid(path), str(root), "ELSEWHERE")  # another data location: the same result
+    assert next(x for x in units if x.name == "a/avg_last").state == "done"
+    changed = path.replace("g.py", "g2.py")
+    open(changed, "w").write(open(path).read().replace("samples=2", "samples=3"))
+    _, units = G.plan(G.load_grid(changed), str(root), "DATA")
+    stale = next(x for x in units if x.name == "a/avg_last")
+    assert stale.state == "stale" and stale.command[-1] == "--fresh"
+    G.record_settings(stale.command, stale.log)  # after the rerun
+    _, units = G.plan(G.load_grid(changed), str(root), "DATA")
+    assert next(x for x in units if x.name == "a/avg_last").state == "done"
