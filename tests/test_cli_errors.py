@@ -32,3 +32,20 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and "interrupted" in err
+
+
+def test_test_labels_out_of_range_are_refused(tmp_path):
+    import numpy as np
+    import pytest
+
+    from experiments.configs import pgd_at
+    from robust_flat.training.trainer import TrainingError, load_data
+
+    rng = np.random.default_rng(0)
+    for split, top in (("train", 10), ("test", 12)):
+        np.savez(tmp_path / f"{split}.npz", x=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8),
+                 y=np.arange(20) % top)
+    c = pgd_at.get_config("cpu")
+    c.data.data_dir, c.data.train_examples = str(tmp_path), 0
+    with pytest.raises(TrainingError, match="test labels go up to 11 but the model has 10 classes"):
+        load_data(c, lambda m: None)

@@ -108,8 +108,9 @@ def test_rerun_with_a_different_config_is_refused(tmp_path):
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
     c = clean_config.get_config("tiny")
     c.optimizer.lr = 1e30
-    with pytest.raises(TrainingError, match=r"non-finite training metrics at step \d+"):
+    with pytest.raises(TrainingError, match=r"non-finite training metrics at step \d+") as err:
         train(c, str(tmp_path), progress=False)
+    assert "None" not in str(err.value)  # "no checkpoint was written yet" or "the last good checkpoint (step N)"
     snap = load_run(str(tmp_path), 0)  # the initial snapshot is intact
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(snap.params))
 
