@@ -43,6 +43,15 @@ DISPATCHED = ("hessian", "landscape")
 DEFAULT_SUBSET = {"hessian": "test_last500", "landscape": "test_last100"}
 
 
+def _eps(text: str) -> float:
+    from robust_flat.evaluation import parse_eps
+
+    try:
+        return parse_eps(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.flatness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--use-ema", action="store_true", help="evaluate the weight-averaged parameters")
-    p.add_argument("--eps", type=float, default=8 / 255, help="L-inf radius of the input attacks")
+    p.add_argument("--eps", type=_eps, default=8 / 255, help="L-inf radius of the input attacks (8/255 or 0.0314)")
     p.add_argument("--pgd-steps", type=int, default=20, help="PGD iterations (inner max and reference)")
     p.add_argument("--reference-restarts", type=int, default=10)
     p.add_argument("--attack-iters", type=int, default=20, help="joint weight(+input) attack iterations (worst)")

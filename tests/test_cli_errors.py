@@ -49,3 +49,15 @@ def test_test_labels_out_of_range_are_refused(tmp_path):
     c.data.data_dir, c.data.train_examples = str(tmp_path), 0
     with pytest.raises(TrainingError, match="test labels go up to 11 but the model has 10 classes"):
         load_data(c, lambda m: None)
+
+
+def test_flatness_eps_takes_fractions_and_refuses_nonpositive(capsys):
+    import pytest
+
+    from experiments import flatness
+
+    p = flatness.build_parser()
+    assert p.parse_args(["--run-dir", "r", "--measure", "avg", "--eps", "8/255"]).eps == 8 / 255
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--run-dir", "r", "--measure", "avg", "--eps", "0"])
+    assert e.value.code == 2 and "eps must be > 0" in capsys.readouterr().err
