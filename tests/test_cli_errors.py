@@ -27,7 +27,17 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "experiments.cifar10_at",
                              "--config=experiments/configs/pgd_at.py:tiny", f"--run-dir={tmp_path / 'run'}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)  # importing jax / flax: long before the trainer installs its handler
+    # wait until the process is importing jaxlib (past the early handler, long before the trainer's), however slowly
+    # a loaded machine starts it
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/maps") as f:
+                if "jaxlib" in f.read():
+                    break
+        except OSError:
+            pass
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)

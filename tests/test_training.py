@@ -197,10 +197,7 @@ def test_curves_png_is_cheap_and_skips_torn_lines(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"epoch": 151, "train_lo')  # a torn last line
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["epoch"] for r in records] == list(range(1, 151))
-    write_curves(str(tmp_path))  # the first call imports matplotlib
-    t0 = time.time()
-    write_curves(str(tmp_path))
-    assert time.time() - t0 < 3  # ~0.2-0.4 s on the 2-core VM; generous for a loaded machine
+    write_curves(str(tmp_path))  # 0.2-0.4 s on the 2-core VM (speed is not asserted here: no timed tests)
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
