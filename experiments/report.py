@@ -488,6 +488,26 @@ def render(analysis: Analysis, roots: Sequence[str], results: Sequence[Verdict])
 ARCHIVED = ("config.json", "metrics.jsonl", "evaluations/*.json", "flatness/*.json")
 
 
+def _copy_result(src: str, dst: str, label: str) -> None:
+    """Copy one result file atomically; a JSON result's absolute ``run_dir`` (a path on the machine that made it)
+    becomes the run's label."""
+    import json
+    import shutil
+
+    if src.endswith(".json"):
+        try:
+            with open(src) as f:
+                d = json.load(f)
+        except (OSError, ValueError):
+            d = None
+        if isinstance(d, dict) and "run_dir" in d:
+            d["run_dir"] = label
+            atomic_write_text(dst, json.dumps(d, indent=2) + "\n")
+            return
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+
+
 def archive_results(roots: Sequence[str], out_dir: str) -> int:
     """Copy the small result files the analysis reads (config.json, metrics.jsonl, the evaluation and flatness JSON
     summaries; no checkpoints, per-example files or logs) into ``out_dir/results/<label>/`` and the grid's
@@ -515,8 +535,7 @@ def archive_results(roots: Sequence[str], out_dir: str) -> int:
                         continue
                     dst = os.path.join(dest_root, os.path.basename(run), os.path.relpath(src, run))
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
-                    shutil.copyfile(src, dst + ".tmp")
-                    os.replace(dst + ".tmp", dst)
+                    _copy_result(src, dst, os.path.basename(run))
                     count += 1
     return count
 
