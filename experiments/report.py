@@ -489,8 +489,8 @@ ARCHIVED = ("config.json", "metrics.jsonl", "evaluations/*.json", "flatness/*.js
 
 
 def _copy_result(src: str, dst: str, label: str) -> None:
-    """Copy one result file atomically; a JSON result's absolute ``run_dir`` (a path on the machine that made it)
-    becomes the run's label."""
+    """Copy one result file atomically; paths of the machine that made it (a result's absolute ``run_dir``, a config's
+    ``data.data_dir``) become the run's label and ``<data-dir>``."""
     import json
     import shutil
 
@@ -500,9 +500,13 @@ def _copy_result(src: str, dst: str, label: str) -> None:
                 d = json.load(f)
         except (OSError, ValueError):
             d = None
-        if isinstance(d, dict) and "run_dir" in d:
-            d["run_dir"] = label
-            atomic_write_text(dst, json.dumps(d, indent=2) + "\n")
+        data = d.get("data") if isinstance(d, dict) else None
+        if isinstance(d, dict) and ("run_dir" in d or isinstance(data, dict) and data.get("data_dir")):
+            if "run_dir" in d:
+                d["run_dir"] = label
+            if isinstance(d.get("data"), dict) and d["data"].get("data_dir"):
+                d["data"]["data_dir"] = "<data-dir>"  # where the data was on that machine
+            atomic_write_text(dst, json.dumps(d, indent=2, sort_keys=src.endswith("config.json")) + "\n")
             return
     shutil.copyfile(src, dst + ".tmp")
     os.replace(dst + ".tmp", dst)
