@@ -729,7 +729,7 @@ def grid_record(grid, runs: Sequence[Run], path: str) -> dict:
                       "group": r.group, "seed": r.seed, "overrides": dict(r.overrides), "epochs": r.epochs,
                       "snapshot_every": r.snapshot_every} for r in runs],
             "eps": grid.get("eps", None),
-            "measures": {k: dict(v) for k, v in dict(grid.get("measures", {}) or {}).items()}}
+            "measures": check_measures(grid, runs)}  # with the grid's eps in each measure that takes it
 
 
 def main(argv: Optional[list[str]] = None) -> int:
