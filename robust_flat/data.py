@@ -184,8 +184,8 @@ def check_class_folders(data_dir: str) -> None:
         return
     a, b = set(_class_folders(train)), set(_class_folders(test))
     if a != b:
-        parts = [f"{split}/ lacks {', '.join(sorted(missing))}" for split, missing in (("test", a - b), ("train", b - a))
-                 if missing]
+        parts = [f"{split}/ lacks {', '.join(sorted(missing))}"
+                 for split, missing in (("test", a - b), ("train", b - a)) if missing]
         raise DataError(f"{data_dir}: train/ and test/ must have the same class folders (labels are their sorted "
                         f"names): {'; '.join(parts)}")
 
