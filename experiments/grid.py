@@ -62,6 +62,7 @@ class Run:
     epochs: int
     snapshot_every: int
     method: str
+    train_examples: int           # images per epoch (for the time estimate)
 
 
 @dataclasses.dataclass
@@ -84,7 +85,8 @@ def _load_module(path: str):
     if spec is None or spec.loader is None:
         raise GridError(f"{path} is not a Python grid file")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, REPO)
+    if REPO not in sys.path:  # grid and method config files import experiments.configs
+        sys.path.insert(0, REPO)
     spec.loader.exec_module(module)
     return module
 
@@ -171,25 +173,18 @@ def build_runs(grid) -> list[Run]:
         config = method_config(spec["config"], preset)
         seed = int(spec.get("seed", 0))
         overrides = {**common, **flatten_overrides(spec.get("overrides", {}))}
-        with config.unlocked() if hasattr(config, "unlocked") else _nullcontext():
+        with config.unlocked():
             for k, v in overrides.items():
                 _set_override(config, k, v, label)
             config.seed = seed
         runs.append(Run(label=label, config=spec["config"], preset=preset,
                         overrides=tuple(sorted(overrides.items())), seed=seed,
                         group=spec.get("group", config.method), epochs=int(config.train.epochs),
-                        snapshot_every=int(config.checkpoint.snapshot_every), method=config.method))
+                        snapshot_every=int(config.checkpoint.snapshot_every), method=config.method,
+                        train_examples=int(config.data.train_examples or 50000)))
     if not runs:
         raise GridError("the grid lists no runs")
     return runs
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _cli_value(v) -> str:
@@ -282,8 +277,7 @@ def plan(grid, root: str, data_dir: Optional[str], python: str = sys.executable)
         cfg = os.path.join("experiments", "configs", f"{run.config}.py") + (f":{run.preset}" if run.preset else "")
         cmd = [python, "-m", "experiments.cifar10_at", f"--config={cfg}", "--run-dir", rdir, *data, "--no-progress",
                f"--config.seed={run.seed}"] + [f"--config.{k}={_cli_value(v)}" for k, v in run.overrides]
-        n_train = _train_examples(grid, run)
-        train_cost = grad_s * n_train * run.epochs * 9 * float(cost.get("train_factor", 1.0))
+        train_cost = grad_s * run.train_examples * run.epochs * 9 * float(cost.get("train_factor", 1.0))
         train = Unit(f"{run.label}/train", run.label, "train", cmd, [os.path.join(rdir, "DONE")],
                      [os.path.join(rdir, "checkpoints")], os.path.join(logs, "train.log"), train_cost)
         units.append(train)
@@ -309,14 +303,6 @@ def plan(grid, root: str, data_dir: Optional[str], python: str = sys.executable)
         if u.state == "stale":
             u.command = [*u.command, "--fresh"]
     return runs, units
-
-
-def _train_examples(grid, run: Run) -> int:
-    cfg = method_config(run.config, run.preset)
-    with cfg.unlocked():
-        for k, v in run.overrides:
-            _set_override(cfg, k, v, run.label)
-    return int(cfg.data.train_examples or 50000)
 
 
 def _measure_units(name, spec, run, snap, rdir, logs, base, python, grad_s, after) -> list[Unit]:
