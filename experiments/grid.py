@@ -155,7 +155,7 @@ def build_runs(grid) -> list[Run]:
     """Check every run of the grid (method, overrides, labels) and resolve its config; nothing runs."""
     runs, seen = [], set()
     common = flatten_overrides(grid.get("overrides", {}))
-    for spec in grid.runs:
+    for spec in grid.get("runs", None) or ():
         spec = dict(spec)
         unknown = set(spec) - {"label", "config", "preset", "overrides", "seed", "group"}
         if unknown:
