@@ -1,32 +1,21 @@
 """``python -m experiments.evaluate`` and :mod:`robust_flat.evaluation`: outputs, resuming, eps parsing, bad input."""
 import json
 import os
-import types
 
 import numpy as np
 import pytest
 
 from experiments import evaluate as cli
 from robust_flat import evaluation as ev
-from toy_task import make_data, trained_model
+from toy_task import load_toy_eval_set, load_toy_run
 
 SIZE = 16
 ARGS = ["--attack", "apgd-ce", "--eps", "3/255", "--n-iter", "10", "--n-examples", "40", "--batch-size", "16",
         "--shape-buckets", "1", "--no-progress"]
 
 
-def _load_run(run_dir, snapshot):
-    model, params, state = trained_model(SIZE)
-    return types.SimpleNamespace(model=model, params=params, model_state=state, ema_params=None, config=None,
-                                 epoch=7, step=70)
-
-
-def _load_eval_set(config, subset, data_dir=None):
-    return make_data(48, SIZE, seed=21)
-
-
 def _run(run_dir, *extra):
-    return cli.main(["--run-dir", str(run_dir), *ARGS, *extra], load_run=_load_run, load_eval_set=_load_eval_set)
+    return cli.main(["--run-dir", str(run_dir), *ARGS, *extra], load_run=load_toy_run, load_eval_set=load_toy_eval_set)
 
 
 def test_outputs_and_resume(tmp_path, monkeypatch):
@@ -90,12 +79,12 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         _run(tmp_path, "--eps", "0")  # overrides the earlier --eps
     with pytest.raises(SystemExit):
-        cli.main(["--run-dir", str(tmp_path), "--attack", "cw"], load_run=_load_run, load_eval_set=_load_eval_set)
+        cli.main(["--run-dir", str(tmp_path), "--attack", "cw"], load_run=load_toy_run, load_eval_set=load_toy_eval_set)
     with pytest.raises(SystemExit):
         cli.main(["--run-dir", str(tmp_path), "--attack", "autoattack", "--version", "custom", "--attacks",
-                  "apgd-ce,cw"], load_run=_load_run, load_eval_set=_load_eval_set)
+                  "apgd-ce,cw"], load_run=load_toy_run, load_eval_set=load_toy_eval_set)
     with pytest.raises(SystemExit):
-        cli.main(["--run-dir", str(tmp_path), "--attack", "pgd", "--version", "fast"], load_run=_load_run,
-                 load_eval_set=_load_eval_set)
+        cli.main(["--run-dir", str(tmp_path), "--attack", "pgd", "--version", "fast"], load_run=load_toy_run,
+                 load_eval_set=load_toy_eval_set)
     with pytest.raises(ValueError, match="unknown attack"):
         ev.make_components("cw", 0.03)

@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-import types
 
 import jax
 import numpy as np
@@ -11,24 +10,14 @@ import pytest
 from experiments import robust_loss as cli
 from robust_flat.attacks.common import cross_entropy
 from robust_flat.models import make_logits_fn
-from toy_task import make_data, trained_model
+from toy_task import load_toy_eval_set, load_toy_run, make_data, trained_model
 
 SIZE = 16
 ARGS = ["--eps", "3/255", "--pgd-steps", "3", "--restarts", "2", "--n-examples", "40", "--batch-size", "16"]
 
 
-def _load_run(run_dir, snapshot):
-    model, params, state = trained_model(SIZE)
-    return types.SimpleNamespace(model=model, params=params, model_state=state, ema_params=None, config=None,
-                                 epoch=7, step=70)
-
-
-def _load_eval_set(config, subset, data_dir=None):
-    return make_data(48, SIZE, seed=21)
-
-
 def _run(run_dir, *extra):
-    return cli.main(["--run-dir", str(run_dir), *ARGS, *extra], load_run=_load_run, load_eval_set=_load_eval_set)
+    return cli.main(["--run-dir", str(run_dir), *ARGS, *extra], load_run=load_toy_run, load_eval_set=load_toy_eval_set)
 
 
 def test_values_file_and_skip_when_done(tmp_path, monkeypatch):

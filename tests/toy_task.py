@@ -83,3 +83,18 @@ def toy_logits_fn(size: int = 16):
 
 def accuracy(logits_fn, x, y) -> float:
     return float(jnp.mean(jnp.argmax(logits_fn(jnp.asarray(x)), axis=1) == jnp.asarray(y)))
+
+
+def load_toy_run(run_dir, snapshot, size: int = 16):
+    """A stand-in for ``robust_flat.checkpoint.load_run`` (the CLIs take it as ``load_run=``): the trained toy model
+    as a loaded run at epoch 7, step 70."""
+    import types
+
+    model, params, state = trained_model(size)
+    return types.SimpleNamespace(model=model, params=params, model_state=state, ema_params=None, config=None,
+                                 epoch=7, step=70)
+
+
+def load_toy_eval_set(config, subset, data_dir=None, size: int = 16):
+    """A stand-in for ``robust_flat.data.load_eval_set``: 48 fresh toy images."""
+    return make_data(48, size, seed=21)
