@@ -9,7 +9,6 @@ from experiments import evaluate as cli
 from robust_flat import evaluation as ev
 from toy_task import load_toy_eval_set, load_toy_run
 
-SIZE = 16
 ARGS = ["--attack", "apgd-ce", "--eps", "3/255", "--n-iter", "10", "--n-examples", "40", "--batch-size", "16",
         "--shape-buckets", "1", "--no-progress"]
 
