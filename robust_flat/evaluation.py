@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from robust_flat.attacks.autoattack import (ATTACK_NAMES, CLEAN, AutoAttackConfig, CascadeState, Component,
-                                            component, components, describe, run_cascade)
+                                            check_classes, component, components, describe, run_cascade)
 from robust_flat.attacks.pgd import PGDConfig, pgd
 from robust_flat.io import atomic_write_json
 
@@ -27,9 +27,11 @@ ATTACKS = ("autoattack", "pgd") + ATTACK_NAMES
 PAPER_EPS = 8 / 255  # the paper's PGD step 0.007 belongs to eps 0.0314 ~ 8/255; other eps scale it
 
 
-def parse_eps(text) -> float:
-    """``"8/255"`` -> 0.0313..., ``"0.03"`` -> 0.03; raises ``ValueError`` unless the value is > 0."""
-    if isinstance(text, (int, float)):
+def parse_eps(text, name: str = "eps") -> float:
+    """``"8/255"`` -> 0.0313..., ``"0.03"`` -> 0.03; raises ``ValueError`` unless the value is > 0. The one parser of
+    every radius and step size given on a command line (``experiments.evaluate``/``flatness``/``robust_loss --eps``,
+    the training overrides ``--config.attack.eps``/``step_size``); ``name`` is what its error messages call it."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
         value = float(text)
     else:
         s = str(text).strip()
@@ -40,9 +42,9 @@ def parse_eps(text) -> float:
             else:
                 value = float(s)
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f"cannot parse eps {text!r}; write e.g. 8/255 or 0.0314") from None
+            raise ValueError(f"cannot parse {name} {text!r}; write e.g. 8/255 or 0.0314") from None
     if not value > 0 or not np.isfinite(value):
-        raise ValueError(f"eps must be > 0, got {text!r}")
+        raise ValueError(f"{name} must be > 0, got {text!r}")
     return value
 
 
@@ -53,15 +55,25 @@ def eps_tag(text) -> str:
 
 def make_components(attack: str, eps: float, norm: str = "linf", version: str = "standard",
                     attacks: Optional[Sequence[str]] = None, n_iter: int = 100, pgd_steps: int = 20,
-                    pgd_restarts: int = 10, pgd_step_size: Optional[float] = None) -> list[Component]:
+                    pgd_restarts: int = 10, pgd_step_size: Optional[float] = None,
+                    n_target_classes: Optional[int] = None, n_classes: Optional[int] = None) -> list[Component]:
     """The cascade for ``attack``: ``"autoattack"`` (``version``/``attacks`` as in :class:`AutoAttackConfig`), one
     AutoAttack component by name (standard settings), or ``"pgd"`` (the paper's evaluation PGD: ``pgd_steps``
-    signed steps of 0.007 at eps 8/255, scaled with eps, ``pgd_restarts`` restarts, worst case per example)."""
+    signed steps of 0.007 at eps 8/255, scaled with eps, ``pgd_restarts`` restarts, worst case per example).
+
+    ``n_classes``: the model's class count; it sets APGD-T/FAB-T's target classes (``n_target_classes``, default
+    ``min(9, n_classes - 1)``) and every attack is checked against it (``ValueError`` for more targets than
+    ``n_classes - 1``; :func:`robust_flat.attacks.autoattack.check_classes`)."""
     if attack == "autoattack":
         return components(AutoAttackConfig(eps=eps, norm=norm, version=version,
-                                           attacks=tuple(attacks) if attacks else None, n_iter=n_iter))
+                                           attacks=tuple(attacks) if attacks else None, n_iter=n_iter,
+                                           n_target_classes=n_target_classes), n_classes)
     if attack in ATTACK_NAMES:
-        return [component(attack, AutoAttackConfig(eps=eps, norm=norm, n_iter=n_iter))]
+        comps = [component(attack, AutoAttackConfig(eps=eps, norm=norm, n_iter=n_iter,
+                                                    n_target_classes=n_target_classes), n_classes)]
+        if n_classes is not None:
+            check_classes(comps, n_classes)
+        return comps
     if attack == "pgd":
         step = pgd_step_size if pgd_step_size is not None else 0.007 * eps / PAPER_EPS
         return [Component("pgd", pgd, PGDConfig(eps=eps, norm=norm, steps=pgd_steps, restarts=pgd_restarts,

@@ -162,3 +162,58 @@ def test_bad_inputs(setup):
     with pytest.raises(ValueError, match="state"):
         run_cascade(f, x, y, jax.random.key(0), _fake_cascade(), norm="linf",
                     state=CascadeState.new(N, ("apgd-ce",)), **QUIET)
+
+
+# ------------------------------------------------------------------ target classes follow the class count
+def _linear_model(n_classes: int, n: int = 12, size: int = 8, seed: int = 3):
+    """A fixed random linear classifier on [size, size, 3] images and inputs labelled by it (clean accuracy 100%,
+    easy to attack): cheap to compile, any number of classes."""
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.normal(size=(size * size * 3, n_classes)).astype(np.float32) / 8.0)
+
+    def f(x):
+        return x.reshape(x.shape[0], -1) @ w
+
+    x = rng.uniform(0.3, 0.7, (n, size, size, 3)).astype(np.float32)
+    return f, x, np.asarray(jnp.argmax(f(jnp.asarray(x)), axis=1), np.int32)
+
+
+def test_target_classes_follow_the_class_count():
+    from robust_flat.attacks.autoattack import components, target_classes
+
+    assert [target_classes(None, c) for c in (2, 4, 10, 100)] == [1, 3, 9, 9]  # min(9, C - 1): the standard 9
+    targeted = {c.name: c.config.n_target_classes for c in components(AutoAttackConfig(), n_classes=4)
+                if c.name in ("apgd-t", "fab-t")}
+    assert targeted == {"apgd-t": 3, "fab-t": 3}
+    assert {c.config.n_target_classes for c in components(AutoAttackConfig(), n_classes=10)
+            if c.name in ("apgd-t", "fab-t")} == {9}
+    # AutoAttack standard end to end on a 4-class model (it used to fail in APGD-T, after APGD-CE had run)
+    pytest.importorskip("robust_flat.attacks.fab")
+    pytest.importorskip("robust_flat.attacks.square")
+    f, x, y = _linear_model(4)
+    cfg = AutoAttackConfig(eps=8 / 255, n_iter=3, square_queries=10, apgd_unroll=3)
+    state = autoattack(f, x, y, jax.random.key(0), cfg, batch_size=12, shape_buckets=1, log=lambda s: None)
+    acc = state.accuracy()
+    assert list(acc) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"] and acc["clean"] == 1.0
+    assert state.done and acc["square"] <= acc["apgd-t"] <= acc["apgd-ce"]
+
+
+def test_too_many_target_classes_are_refused_before_anything_runs():
+    f, x, y = _linear_model(4)
+    too_many = AutoAttackConfig(version="custom", attacks=("apgd-ce", "apgd-t"), n_target_classes=5)
+    with pytest.raises(ValueError, match="at most 3"):
+        autoattack(f, x, y, jax.random.key(0), too_many, **QUIET)
+    # a cascade built without the class count is checked by run_cascade before its first stage (the clean pass)
+    from robust_flat.attacks.autoattack import components
+
+    calls = []
+    spy = Component("spy", lambda *a: calls.append("attack") or a[1], None)
+    with pytest.raises(ValueError, match="apgd-t: 5 target classes .* at most 3"):
+        run_cascade(f, x, y, jax.random.key(0), [spy] + components(too_many), norm="linf",
+                    on_batch=lambda *a: calls.append("batch"), **QUIET)
+    assert calls == []
+    with pytest.raises(ValueError, match="integer >= 1"):
+        AutoAttackConfig(n_target_classes=0)
+    f3, x3, y3 = _linear_model(3)  # APGD-T's targeted DLR loss needs 4 classes: also refused up front
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        autoattack(f3, x3, y3, jax.random.key(0), AutoAttackConfig(version="fast", n_iter=2), **QUIET)

@@ -21,6 +21,12 @@ Versions (:data:`VERSIONS`):
   for adversarially trained models but cost most of the time). Not AA-standard: label such numbers accordingly.
 * ``"custom"``: any sequence of :data:`ATTACK_NAMES` in ``attacks`` (standard settings per attack).
 
+Target classes (APGD-T, FAB-T): ``n_target_classes`` follows the model's class count C: by default
+``min(9, C - 1)`` (the standard's 9 for CIFAR-10; 9 for CIFAR-100 as in the original; 3 for a 4-class model). An
+explicit number above C - 1 is refused, as is APGD-T on fewer than 4 classes (its targeted DLR loss needs the 4
+largest logits), by :func:`check_classes` before the cascade runs anything (the original fails in APGD-T, after
+APGD-CE has run).
+
 Fixed shapes: the cascade gathers the still-robust points of the whole set, cuts them into batches of
 ``batch_size`` and pads the last batch with copies of its first point (their results are discarded) up to the
 smallest of ``shape_buckets`` fixed sizes (``batch_size`` x 1, 3/4, 1/2, 3/8, 1/4, ...; ``attacks.common.bucket_sizes``)
@@ -59,6 +65,7 @@ VERSIONS = {
     "fast": ("apgd-ce", "apgd-t"),
 }
 CLEAN = "clean"
+STANDARD_TARGET_CLASSES = 9  # the original's n_target_classes for APGD-T and FAB-T (capped at C - 1 here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +80,7 @@ class AutoAttackConfig:
     n_iter: int = 100
     apgd_restarts: int = 1
     fab_restarts: int = 1
-    n_target_classes: int = 9
+    n_target_classes: Optional[int] = None
     square_queries: int = 5000
     square_p_init: float = 0.8
     apgd_unroll: int = 5
@@ -83,6 +90,10 @@ class AutoAttackConfig:
             raise ValueError(f"AutoAttack eps must be > 0, got {self.eps}")
         if self.norm not in ("linf", "l2"):
             raise ValueError(f"AutoAttack norm must be linf or l2, got {self.norm!r}")
+        if self.n_target_classes is not None and not (isinstance(self.n_target_classes, (int, np.integer))
+                                                       and self.n_target_classes >= 1):
+            raise ValueError(f"n_target_classes must be an integer >= 1 (or None: min(9, classes - 1)), got "
+                             f"{self.n_target_classes!r}")
         if self.version == "custom":
             if not self.attacks:
                 raise ValueError("version='custom' needs a non-empty list of attacks")
@@ -120,20 +131,37 @@ def _build(cls, **wanted):
     return cls(**{k: v for k, v in wanted.items() if k in names})
 
 
-def component(name: str, config: AutoAttackConfig) -> Component:
-    """The named attack with the settings of ``config``. FAB and Square are imported here, on first use."""
+def target_classes(requested: Optional[int], n_classes: Optional[int] = None) -> int:
+    """APGD-T/FAB-T's number of target classes for a model with ``n_classes`` classes: ``requested``, or by default
+    ``min(9, n_classes - 1)`` (9 when the class count is not known yet). ``ValueError`` if ``requested`` exceeds
+    ``n_classes - 1``."""
+    if requested is None:
+        return STANDARD_TARGET_CLASSES if n_classes is None else max(1, min(STANDARD_TARGET_CLASSES, n_classes - 1))
+    if n_classes is not None and requested > n_classes - 1:
+        raise ValueError(f"{requested} target classes asked for, but the model has {n_classes} classes, so at most "
+                         f"{n_classes - 1} (the classes other than the true one); ask for {n_classes - 1} or fewer "
+                         "(--n-target-classes), or leave it unset for min(9, classes - 1)")
+    return int(requested)
+
+
+def component(name: str, config: AutoAttackConfig, n_classes: Optional[int] = None) -> Component:
+    """The named attack with the settings of ``config``, for a model with ``n_classes`` classes (sets the number of
+    target classes of APGD-T and FAB-T, :func:`target_classes`). FAB and Square are imported here, on first use."""
     common = dict(eps=config.eps, norm=config.norm)
+    # untargeted attacks ignore the field; they keep the standard value (unchanged result fingerprints)
+    n_targets = (target_classes(config.n_target_classes, n_classes) if name in ("apgd-t", "fab-t")
+                 else STANDARD_TARGET_CLASSES)
     if name in ("apgd-ce", "apgd-dlr", "apgd-t"):
         # shape_buckets=1: the cascade already gathers the robust points of each stage into bucket sizes
         cfg = APGDConfig(n_iter=config.n_iter, unroll=config.apgd_unroll, shape_buckets=1, **common,
                          n_restarts=1 if name == "apgd-t" else config.apgd_restarts,
                          loss="ce" if name == "apgd-ce" else "dlr", targeted=name == "apgd-t",
-                         n_target_classes=config.n_target_classes)
+                         n_target_classes=n_targets)
         return Component(name, apgd, cfg)
     if name in ("fab", "fab-t"):
         from robust_flat.attacks.fab import FABConfig, fab
         cfg = _build(FABConfig, n_iter=config.n_iter, n_restarts=1 if name == "fab-t" else config.fab_restarts,
-                     targeted=name == "fab-t", n_target_classes=config.n_target_classes, **common)
+                     targeted=name == "fab-t", n_target_classes=n_targets, **common)
         return Component(name, fab, cfg)
     if name == "square":
         from robust_flat.attacks.square import SquareConfig, square
@@ -144,8 +172,41 @@ def component(name: str, config: AutoAttackConfig) -> Component:
     raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACK_NAMES)}")
 
 
-def components(config: AutoAttackConfig) -> list[Component]:
-    return [component(name, config) for name in config.attack_names]
+def components(config: AutoAttackConfig, n_classes: Optional[int] = None) -> list[Component]:
+    """The cascade of ``config`` for a model with ``n_classes`` classes (:func:`num_classes`)."""
+    comps = [component(name, config, n_classes) for name in config.attack_names]
+    if n_classes is not None:
+        check_classes(comps, n_classes)
+    return comps
+
+
+def num_classes(logits_fn, x) -> int:
+    """The number of classes of ``logits_fn`` on inputs shaped like ``x`` (traced for shapes only: nothing runs)."""
+    out = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), jnp.float32))
+    if len(out.shape) != 2:
+        raise ValueError(f"logits_fn must return [N, classes] logits, got shape {out.shape}")
+    return int(out.shape[-1])
+
+
+def check_classes(comps: Sequence[Component], n_classes: int) -> None:
+    """``ValueError`` unless every attack of ``comps`` can run on a model with ``n_classes`` classes: at most
+    ``n_classes - 1`` target classes (APGD-T, FAB-T), at least 3 classes for the DLR loss and 4 for the targeted DLR
+    loss (APGD-DLR, APGD-T), at least 2 for any attack. Called before the cascade runs anything."""
+    if n_classes < 2:
+        raise ValueError(f"the model has {n_classes} class(es); attacks need at least 2")
+    for c in comps:
+        cfg = c.config
+        if not dataclasses.is_dataclass(cfg):
+            continue
+        targeted = bool(getattr(cfg, "targeted", False))
+        if targeted and getattr(cfg, "n_target_classes", 1) > n_classes - 1:
+            raise ValueError(f"{c.name}: {cfg.n_target_classes} target classes asked for, but the model has "
+                             f"{n_classes} classes, so at most {n_classes - 1}; ask for {n_classes - 1} or fewer "
+                             "(--n-target-classes), or leave it unset for min(9, classes - 1)")
+        if isinstance(cfg, APGDConfig) and cfg.loss == "dlr" and n_classes < (4 if targeted else 3):
+            raise ValueError(f"{c.name}: the {'targeted ' if targeted else ''}DLR loss needs at least "
+                             f"{4 if targeted else 3} classes, the model has {n_classes}; leave {c.name} out "
+                             f"(--version custom --attacks ...)")
 
 
 def describe(comps: Sequence[Component]) -> list[dict]:
@@ -283,6 +344,8 @@ def run_cascade(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_inputs(x, None, "autoattack")
+    if any(dataclasses.is_dataclass(c.config) for c in comps):  # before anything runs: a failure here costs nothing
+        check_classes(comps, num_classes(logits_fn, x))
     names = tuple(c.name for c in comps)
     if state is None:
         state = CascadeState.new(len(x), names, x)
@@ -346,5 +409,5 @@ def autoattack(logits_fn, x, y, key, config: AutoAttackConfig = AutoAttackConfig
     accuracies, ``state.broken_by_names()`` which attack broke each point, ``state.perturbation_norm`` the norm of
     each final perturbation. Same ``key`` -> same result.
     """
-    return run_cascade(logits_fn, x, y, key, components(config), norm=config.norm, batch_size=batch_size,
-                       shape_buckets=shape_buckets, log=log)
+    return run_cascade(logits_fn, x, y, key, components(config, num_classes(logits_fn, x)), norm=config.norm,
+                       batch_size=batch_size, shape_buckets=shape_buckets, log=log)
