@@ -53,8 +53,10 @@ def _eps(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.flatness", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from experiments.evaluate import OneLineParser
+
+    p = OneLineParser(prog="python -m experiments.flatness", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True, help="training run directory (config.json, checkpoints/)")
     p.add_argument("--snapshot", default="last", help="epoch number, 'best' or 'last' (default)")
     p.add_argument("--measure", required=True, choices=FLATNESS_MEASURES + DISPATCHED)
@@ -178,13 +180,30 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     if extra and args.measure in FLATNESS_MEASURES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args = _extra_args(extra, args)
+    if args.snapshot not in ("best", "last") and not args.snapshot.isdigit():
+        parser.error(f"--snapshot must be an epoch number, 'best' or 'last', got {args.snapshot!r}")
+    if args.n_examples is not None and args.n_examples < 1:
+        parser.error(f"--n-examples must be >= 1, got {args.n_examples}")
+    if args.measure in FLATNESS_MEASURES:  # every setting checked before the (slow) loading of the run
+        if args.xi is not None and not args.xi >= 0:
+            parser.error(f"--xi must be >= 0 (a relative radius, e.g. 0.5 or 0.003), got {args.xi}")
+        if args.samples is not None and args.samples < 1:
+            parser.error(f"--samples must be >= 1, got {args.samples}")
+        if min(args.batch_size, args.chunk_size) < 1 or args.pgd_steps < 0:
+            parser.error("--batch-size and --chunk-size must be >= 1, --pgd-steps >= 0")
+        try:
+            make_config(args)
+        except ValueError as e:
+            parser.error(str(e))
     if load_run is None:
         from robust_flat.checkpoint import load_run
     if load_eval_set is None:
         from robust_flat.data import load_eval_set
 
     snapshot = args.snapshot if args.snapshot in ("best", "last") else int(args.snapshot)
-    loaded = load_run(args.run_dir, snapshot)
+    from experiments.evaluate import load_checked
+
+    loaded = load_checked(load_run, args.run_dir, snapshot)
     out_dir = os.path.join(args.run_dir, "flatness")
     subset = args.subset or DEFAULT_SUBSET.get(args.measure, "test_first1000")
     if args.measure in DISPATCHED:
@@ -266,8 +285,12 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
 
 
 if __name__ == "__main__":
+    from experiments.evaluate import output_dirs, run_cli
+
     try:
-        main(sys.argv[1:])
+        run_cli(main, sys.argv[1:], writes=output_dirs(sys.argv[1:], "flatness"),
+                kept="finished samples are kept under RUN/flatness/.partial/",
+                elsewhere="copy the run directory to a writable disk and measure it there")
     except KeyboardInterrupt:
         print("\ninterrupted: finished units are kept under RUN/flatness/.partial/; run the same command again to "
               "resume", file=sys.stderr)

@@ -71,3 +71,155 @@ def test_flatness_eps_takes_fractions_and_refuses_nonpositive(capsys):
     with pytest.raises(SystemExit) as e:
         p.parse_args(["--run-dir", "r", "--measure", "avg", "--eps", "0"])
     assert e.value.code == 2 and "eps must be > 0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ one line, exit 2: helpers
+def _one_line_error(capsys, fn) -> str:
+    """Run ``fn``; it must exit with status 2 after printing exactly one line ``error: ...`` on stderr."""
+    import pytest
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fn()
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def _tiny_run_dir(path, checkpoint=True):
+    """A run directory with the tiny preset's config.json and (``checkpoint``) a damaged rolling checkpoint."""
+    from experiments.configs import pgd_at
+
+    path.mkdir()
+    (path / "config.json").write_text(pgd_at.get_config("tiny").to_json())
+    if checkpoint:
+        (path / "checkpoints" / "latest" / "5" / "state").mkdir(parents=True)
+        (path / "checkpoints" / "latest" / "5" / "state" / "x").write_text("not a checkpoint")
+    return path
+
+
+# ------------------------------------------------------------------ item 11: evaluate and flatness
+def test_evaluate_and_flatness_bad_run_dirs_and_flags_are_one_line(tmp_path, capsys):
+    from experiments import evaluate, flatness
+
+    def ev(*argv):
+        return _one_line_error(capsys, lambda: evaluate.run_cli(evaluate.main, ["--attack", "pgd", *argv]))
+
+    def fl(*argv):
+        return _one_line_error(capsys, lambda: evaluate.run_cli(flatness.main, ["--measure", "avg", *argv]))
+
+    missing = str(tmp_path / "missing")
+    for cli in (ev, fl):
+        assert "is not a run directory (no config.json)" in cli("--run-dir", missing)
+        assert "--snapshot must be an epoch number" in cli("--run-dir", missing, "--snapshot", "x")
+        assert "eps must be > 0" in cli("--run-dir", missing, "--eps", "0")
+    assert "--xi must be >= 0" in fl("--run-dir", missing, "--xi", "-1")
+    assert "--samples must be >= 1" in fl("--run-dir", missing, "--samples", "0")
+    assert "--n-iter, --pgd-steps and --pgd-restarts must be >= 1" in ev("--run-dir", missing, "--pgd-steps", "0")
+
+    damaged = _tiny_run_dir(tmp_path / "damaged")  # a checkpoint that fails to load (was 764 lines of traceback)
+    for cli in (ev, fl):
+        assert "corrupt" in cli("--run-dir", str(damaged))
+        assert "no snapshot for epoch 3" in cli("--run-dir", str(damaged), "--snapshot", "3")
+    (damaged / "config.json").write_text('{"method": ')
+    for cli in (ev, fl):
+        assert "config.json is unreadable" in cli("--run-dir", str(damaged))
+    (damaged / "config.json").write_text("{}")  # valid JSON, not a run's config: one line too (_one_line_error)
+    for cli in (ev, fl):
+        assert str(damaged) in cli("--run-dir", str(damaged))
+    assert not (damaged / "evaluations").exists() and not (damaged / "flatness").exists()
+
+
+# ------------------------------------------------------------------ item 15: --n-target-classes
+def test_evaluate_refuses_more_target_classes_than_the_model_has_before_running(tmp_path, capsys):
+    from experiments import evaluate
+    from toy_task import load_toy_eval_set, load_toy_run
+
+    def ev(*argv):
+        return _one_line_error(capsys, lambda: evaluate.run_cli(
+            evaluate.main, ["--run-dir", str(tmp_path), "--n-iter", "2", "--n-examples", "8", "--batch-size", "8",
+                            "--no-progress", *argv], load_run=load_toy_run, load_eval_set=load_toy_eval_set))
+
+    line = ev("--attack", "autoattack", "--version", "fast", "--n-target-classes", "10")  # the toy model: 10 classes
+    assert "10 target classes asked for, but the model has 10 classes, so at most 9" in line
+    assert not (tmp_path / "evaluations").exists()  # refused before any attack ran
+    assert "applies to apgd-t and fab-t only" in ev("--attack", "apgd-ce", "--n-target-classes", "3")
+    assert "--n-target-classes must be >= 1" in ev("--attack", "apgd-t", "--n-target-classes", "0")
+
+
+# ------------------------------------------------------------------ item 13: OSError -> one line with the fix
+def test_os_errors_are_one_line_with_the_fix(tmp_path, monkeypatch):
+    import errno
+
+    from experiments.evaluate import os_error_line
+    from robust_flat.io import AtomicWriteError
+
+    full = os_error_line(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x")),
+                         kept="checkpoints already written are intact")
+    assert full == (f"error: cannot write {tmp_path / 'run' / 'x'}: No space left on device; free disk space and "
+                    "rerun the same command; checkpoints already written are intact")
+    atomic = AtomicWriteError(errno.ENOSPC, f"cannot write {tmp_path}/a.json: write failed (No space left on "
+                                            "device); the previous file, if any, is unchanged", f"{tmp_path}/a.json")
+    assert os_error_line(atomic).startswith(f"error: cannot write {tmp_path}/a.json: write failed")
+    assert "free disk space and rerun the same command" in os_error_line(atomic)
+    ro = os_error_line(OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run"), elsewhere="pass another --run-dir")
+    assert ro == ("error: cannot write /mnt/ro/run: Read-only file system; that file system is read-only; pass another "
+                  "--run-dir on a writable disk")
+    denied = os_error_line(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "run")),
+                           writes=[str(tmp_path / "run")], elsewhere="pass another --run-dir")
+    assert denied == (f"error: cannot write {tmp_path / 'run'}: Permission denied; make {tmp_path} writable "
+                      "(chmod u+w) or pass another --run-dir")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a user who may not read it (root may)
+    train = tmp_path / "data" / "train"
+    train.mkdir(parents=True)
+    unreadable = os_error_line(PermissionError(errno.EACCES, "Permission denied", str(train)),
+                               writes=[str(tmp_path / "run")])
+    assert unreadable == f"error: cannot read {train}: Permission denied; make it readable (chmod -R u+rX {train})"
+
+
+def test_evaluation_out_of_disk_space_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from experiments import evaluate
+    from robust_flat import evaluation
+    from robust_flat.io import AtomicWriteError
+    from toy_task import load_toy_eval_set, load_toy_run
+
+    def full_disk(path, state, fp):
+        raise AtomicWriteError(errno.ENOSPC, f"cannot write {path}: write failed (No space left on device); the "
+                                             "previous file, if any, is unchanged", path)
+
+    monkeypatch.setattr(evaluation, "save_state", full_disk)
+    line = _one_line_error(capsys, lambda: evaluate.run_cli(
+        evaluate.main, ["--run-dir", str(tmp_path), "--attack", "apgd-ce", "--n-iter", "2", "--n-examples", "8",
+                        "--batch-size", "8", "--no-progress"], load_run=load_toy_run, load_eval_set=load_toy_eval_set,
+        kept="finished batches are kept in RUN/evaluations/*.examples.json"))
+    assert "No space left on device" in line and line.endswith(
+        "free disk space and rerun the same command; finished batches are kept in RUN/evaluations/*.examples.json")
+
+
+# ------------------------------------------------------------------ item 17: one parser for every epsilon
+def test_every_entry_points_eps_takes_fractions(tmp_path, capsys):
+    import pytest
+
+    from experiments import evaluate, flatness, robust_loss
+
+    class Loaded(Exception):
+        pass
+
+    def stop(*args):
+        raise Loaded
+
+    clis = {evaluate: ["--attack", "pgd"], flatness: ["--measure", "avg"], robust_loss: []}
+    for cli, extra in clis.items():
+        argv = ["--run-dir", str(tmp_path), *extra]
+        with pytest.raises(Loaded):  # 8/255 is accepted: the command goes on to load the run
+            cli.main(argv + ["--eps", "8/255"], load_run=stop, load_eval_set=stop)
+        for bad, message in (("0", "eps must be > 0"), ("8/0", "cannot parse eps '8/0'")):
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                cli.main(argv + ["--eps", bad], load_run=stop, load_eval_set=stop)
+            assert e.value.code == 2 and message in capsys.readouterr().err
+    assert flatness.build_parser().parse_args(["--run-dir", "r", "--measure", "avg", "--eps", "2/255"]).eps == 2 / 255
