@@ -179,6 +179,58 @@ def test_os_errors_are_one_line_with_the_fix(tmp_path, monkeypatch):
     assert unreadable == f"error: cannot read {train}: Permission denied; make it readable (chmod -R u+rX {train})"
 
 
+def _tiny_config():
+    from experiments.configs import pgd_at
+
+    return pgd_at.get_config("tiny")
+
+
+def test_training_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from experiments import cifar10_at
+    from robust_flat.training import trainer
+
+    line = _one_line_error(capsys, lambda: cifar10_at.run(_tiny_config(), "/proc/x", progress=False))
+    assert line.startswith("error: cannot write /proc/x: No such file or directory;") and "--run-dir" in line
+
+    def no_space(config, run_dir, progress=True):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(run_dir, "metrics.jsonl"))
+
+    monkeypatch.setattr(trainer, "train", no_space)
+    line = _one_line_error(capsys, lambda: cifar10_at.run(_tiny_config(), str(tmp_path / "run"), progress=False))
+    assert line == (f"error: cannot write {tmp_path / 'run' / 'metrics.jsonl'}: No space left on device; free disk "
+                    "space and rerun the same command; checkpoints already written are intact")
+
+
+def test_unwritable_run_dir_and_unreadable_data_folder(tmp_path, capsys):
+    import pytest
+
+    if os.geteuid() == 0:
+        pytest.skip("root ignores file permissions")
+    from experiments import cifar10_at
+    from experiments.configs import pgd_at
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    data = tmp_path / "data"
+    (data / "train" / "a").mkdir(parents=True)
+    (data / "test" / "a").mkdir(parents=True)
+    (data / "train").chmod(0o000)
+    try:
+        line = _one_line_error(capsys, lambda: cifar10_at.run(_tiny_config(), str(ro / "run"), progress=False))
+        assert line == (f"error: cannot write {ro / 'run'}: Permission denied; make {ro} writable (chmod u+w) or "
+                        "pass another --run-dir")
+        line = _one_line_error(capsys, lambda: cifar10_at.run(pgd_at.get_config("cpu"), str(tmp_path / "run"),
+                                                              data_dir=str(data), progress=False))
+        assert line == (f"error: cannot read {data / 'train'}: Permission denied; make it readable "
+                        f"(chmod -R u+rX {data / 'train'})")
+    finally:
+        ro.chmod(0o755)
+        (data / "train").chmod(0o755)
+
+
 def test_evaluation_out_of_disk_space_is_one_line(tmp_path, capsys, monkeypatch):
     import errno
 
@@ -198,6 +250,65 @@ def test_evaluation_out_of_disk_space_is_one_line(tmp_path, capsys, monkeypatch)
         kept="finished batches are kept in RUN/evaluations/*.examples.json"))
     assert "No space left on device" in line and line.endswith(
         "free disk space and rerun the same command; finished batches are kept in RUN/evaluations/*.examples.json")
+
+
+# ------------------------------------------------------------------ item 14: the config, checked up front
+def test_training_config_problems_are_all_reported_before_anything_is_written(tmp_path, capsys):
+    import pytest
+
+    from experiments import cifar10_at
+
+    config = _tiny_config()
+    with config.unlocked():
+        config.train.epochs = -1  # was: exit 0, "DONE: -8 steps"
+        config.checkpoint.every_steps = 0  # was: ZeroDivisionError
+        config.optimizer.schedule = "cosine"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cifar10_at.run(config, str(tmp_path / "run"), progress=False)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 3 and all(ln.startswith("error: ") for ln in lines), err
+    assert any("train.epochs must be an integer >= 1, got -1" in ln for ln in lines)
+    assert any("checkpoint.every_steps must be an integer >= 1, got 0" in ln for ln in lines)
+    assert any("optimizer.schedule must be one of multistep, constant, cyclic" in ln for ln in lines)
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_command_line_unknown_fields_and_fractions():
+    from experiments import cifar10_at
+
+    tiny = "--config=experiments/configs/pgd_at.py:tiny"
+    argv, problems = cifar10_at.check_command_line(["prog", tiny, "--config.train.epochz=3", "--config.trainn.epochs",
+                                                    "2", "--config.train.epochs=1"])
+    assert problems == ["unknown config field train.epochz (did you mean train.epochs?)",
+                        "unknown config field trainn.epochs (did you mean train.epochs?)"]
+    argv, problems = cifar10_at.check_command_line(["prog", "--config.attack.eps=8/255", "--config.attack.step_size",
+                                                    "2/255", "--run-dir", "r"])
+    assert problems == [] and argv[1] == f"--config={cifar10_at.DEFAULT_CONFIG}"  # the default config, made explicit
+    assert argv[2:] == [f"--config.attack.eps={8 / 255!r}", "--config.attack.step_size", repr(2 / 255), "--run-dir", "r"]
+    _, problems = cifar10_at.check_command_line(["prog", tiny, "--config.attack.eps=8/0", "--config.attack.step_size=0/255"])
+    assert problems == ["cannot parse --config.attack.eps '8/0'; write e.g. 8/255 or 0.0314",
+                        "--config.attack.step_size must be > 0, got '0/255'"]
+    _, problems = cifar10_at.check_command_line(["prog", "--config=experiments/configs/pgd_at.py:smok"])
+    assert problems == ["--config experiments/configs/pgd_at.py:smok: unknown preset 'smok'; choose paper, smoke, cpu "
+                        "or tiny"]
+    _, problems = cifar10_at.check_command_line(["prog", "--config", "experiments/configs/nope.py"])
+    assert len(problems) == 1 and problems[0].startswith("--config experiments/configs/nope.py: no such file")
+
+
+def test_training_command_line_end_to_end(tmp_path):
+    """One process: no --config (the default is parsed at import, where a bad override used to be a traceback),
+    fractions accepted through absl, then every config problem at once, nothing written."""
+    run = tmp_path / "run"
+    proc = _run("experiments.cifar10_at", "--config.attack.eps=8/255", "--config.attack.step_size", "2/255",
+                "--config.train.epochs=-1", "--config.checkpoint.every_steps=0", f"--run-dir={run}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines == ["error: train.epochs must be an integer >= 1, got -1",
+                     "error: checkpoint.every_steps must be an integer >= 1, got 0"], proc.stderr
+    assert not run.exists()
 
 
 # ------------------------------------------------------------------ item 17: one parser for every epsilon
