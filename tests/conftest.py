@@ -1,0 +1,72 @@
+"""Test session setup: one persistent XLA compilation cache for the whole session.
+
+Most of the suite's time is XLA:CPU compiling small programs, and many programs are compiled more than once: by
+both xdist workers (the toy models' training steps), by subprocesses that run an entry point on the same tiny config
+as a test before them, and by new ``jit`` objects around the same function. The controller process creates one
+temporary cache directory and exports it as ``JAX_COMPILATION_CACHE_DIR`` (with a minimum compile time of 0, so
+every program is stored) before the workers start; workers and every subprocess they launch inherit it, and the
+directory is removed at the end of the session. A cache hit returns the executable XLA compiled for the same
+program and compile options, so results do not change.
+
+``JAX_COMPILATION_CACHE_DIR`` already set in the environment is used as it is (not removed);
+``ROBUST_FLAT_TEST_COMPILATION_CACHE=0`` turns the session cache off.
+
+Tests that count XLA compiles (a cache hit is not a compile) use the ``no_persistent_cache`` fixture.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+_ENV = "JAX_COMPILATION_CACHE_DIR"
+_MIN_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+_created: list[str] = []
+
+
+def _apply_to_loaded_jax() -> None:
+    """If jax was imported before the environment was set, pass the settings to its config too."""
+    if "jax" in sys.modules and os.environ.get(_ENV):
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.environ[_ENV])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ.get(_MIN_TIME_ENV, "0")))
+
+
+def pytest_configure(config):
+    if os.environ.get("ROBUST_FLAT_TEST_COMPILATION_CACHE", "1") in ("0", "false", "False", ""):
+        return
+    if not hasattr(config, "workerinput") and not os.environ.get(_ENV):  # the controller (or a run without xdist)
+        path = tempfile.mkdtemp(prefix="robust-flat-test-xla-cache-")
+        _created.append(path)
+        os.environ[_ENV] = path
+        os.environ.setdefault(_MIN_TIME_ENV, "0")
+    _apply_to_loaded_jax()
+
+
+def pytest_unconfigure(config):
+    for path in _created:
+        shutil.rmtree(path, ignore_errors=True)
+        if os.environ.get(_ENV) == path:
+            del os.environ[_ENV]
+
+
+@pytest.fixture
+def no_persistent_cache():
+    """The persistent compilation cache off for one test (in this process): every program is compiled, so XLA's
+    compile events count what the test's code compiles, not what an earlier test or process left in the cache."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # the "is the cache used" answer is computed once per process: recompute it
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
