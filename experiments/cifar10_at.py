@@ -195,7 +195,7 @@ def run(config, run_dir=None, data_dir=None, progress: bool = True):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # an unwritable run directory, an unreadable data folder, a full or read-only disk
-        from experiments.evaluate import os_error_line
+        from experiments.cli import os_error_line
 
         print(os_error_line(e, writes=(run_dir,), kept="checkpoints already written are intact",
                             elsewhere="pass another --run-dir"), file=sys.stderr)

@@ -53,7 +53,7 @@ def _eps(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from experiments.evaluate import OneLineParser
+    from experiments.cli import OneLineParser
 
     p = OneLineParser(prog="python -m experiments.flatness", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,7 +174,7 @@ def _dispatch(measure, args, loaded, x, y, out_dir):
 def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = None,
          load_eval_set: Optional[Callable] = None) -> dict:
     """Run the CLI; returns the result dict. ``load_run``/``load_eval_set`` default to
-    :func:`robust_flat.checkpoint.load_run` / :func:`robust_flat.data.load_eval_set` (injectable for tests)."""
+    :func:`robust_flat.runs.load_run` / :func:`robust_flat.data.load_eval_set` (injectable for tests)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.measure in FLATNESS_MEASURES:
@@ -196,12 +196,12 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
         except ValueError as e:
             parser.error(str(e))
     if load_run is None:
-        from robust_flat.checkpoint import load_run
+        from robust_flat.runs import load_run
     if load_eval_set is None:
         from robust_flat.data import load_eval_set
 
     snapshot = args.snapshot if args.snapshot in ("best", "last") else int(args.snapshot)
-    from experiments.evaluate import load_checked
+    from experiments.cli import load_checked
 
     loaded = load_checked(load_run, args.run_dir, snapshot)
     out_dir = os.path.join(args.run_dir, "flatness")
@@ -230,7 +230,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     x, y = _load_data(load_eval_set, loaded, subset, args.data_dir, n)
 
     xi = config.neighbourhood.xi if hasattr(config, "neighbourhood") else config.attack.neighbourhood.xi
-    from robust_flat.checkpoint import snapshot_tag
+    from robust_flat.runs import snapshot_tag
 
     name = args.name or f"{args.measure}_xi{xi:g}_{snapshot_tag(args.snapshot, loaded.epoch)}"
     cfg_dict = config_to_dict(config)
@@ -285,7 +285,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
 
 
 if __name__ == "__main__":
-    from experiments.evaluate import output_dirs, run_cli
+    from experiments.cli import output_dirs, run_cli
 
     try:
         run_cli(main, sys.argv[1:], writes=output_dirs(sys.argv[1:], "flatness"),

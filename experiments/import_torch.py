@@ -18,7 +18,7 @@ layouts, what is inferred (width, classes, whitening, the PreActResNet shortcut)
 
 The run directory holds ``config.json`` (method ``imported``, the model options, the checkpoint's SHA-256) and one
 orbax checkpoint (``latest``, step 0, epoch 0) written as training writes it, so
-``robust_flat.checkpoint.load_run(RUN, "last")`` restores it; ``imported.json`` records where it came from. After
+``robust_flat.runs.load_run(RUN, "last")`` restores it; ``imported.json`` records where it came from. After
 writing, the run is loaded back and its logits compared with the converted weights' (``--no-check`` skips that).
 Running the same command again does nothing; another checkpoint into the same RUN is refused. A bad input (missing
 file, not a checkpoint, weights that do not fit the arch) is one line on stderr and exit status 2.
@@ -106,7 +106,8 @@ def write_run(run_dir: str, config, imported, provenance: dict, check: bool = Tr
     import jax
     import numpy as np
 
-    from robust_flat.checkpoint import Checkpointer, load_run
+    from robust_flat.checkpoint import Checkpointer
+    from robust_flat.runs import load_run
     from robust_flat.io import atomic_write_text
     from robust_flat.training.optim import make_optimizer
     from robust_flat.training.state import create_train_state

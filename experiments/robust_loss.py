@@ -24,9 +24,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from experiments.cli import OneLineParser, load_checked, output_dirs, run_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.robust_loss", description=__doc__,
+    p = OneLineParser(prog="python -m experiments.robust_loss", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True, help="training run directory (config.json, checkpoints/)")
     p.add_argument("--snapshot", default="last", help="epoch number, 'best' or 'last' (default)")
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def output_name(args, epoch: int) -> str:
     if args.name:
         return args.name
-    from robust_flat.checkpoint import snapshot_tag
+    from robust_flat.runs import snapshot_tag
 
     return (f"rloss_pgd{args.pgd_steps}x{args.restarts}_{args.subset}_n{args.n_examples}_"
             f"{snapshot_tag(args.snapshot, epoch)}{'_ema' if args.use_ema else ''}")
@@ -56,7 +58,7 @@ def output_name(args, epoch: int) -> str:
 def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = None,
          load_eval_set: Optional[Callable] = None) -> dict:
     """Run the CLI; returns the result dict. ``load_run``/``load_eval_set`` default to
-    :func:`robust_flat.checkpoint.load_run` / :func:`robust_flat.data.load_eval_set` (injectable for tests)."""
+    :func:`robust_flat.runs.load_run` / :func:`robust_flat.data.load_eval_set` (injectable for tests)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     from robust_flat.attacks.pgd import PGDConfig
@@ -77,8 +79,9 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     if load_eval_set is None:
         from robust_flat.data import load_eval_set
     if load_run is None:
-        from robust_flat.checkpoint import load_run
-    loaded = load_run(args.run_dir, args.snapshot if args.snapshot in ("best", "last") else int(args.snapshot))
+        from robust_flat.runs import load_run
+    loaded = load_checked(load_run, args.run_dir,
+                          args.snapshot if args.snapshot in ("best", "last") else int(args.snapshot))
     params = loaded.params
     if args.use_ema:
         if loaded.ema_params is None:
@@ -123,14 +126,8 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
 
 
 if __name__ == "__main__":
-    from robust_flat.checkpoint import CheckpointError
-    from robust_flat.data import DataError
-
     try:
-        main(sys.argv[1:])
-    except (CheckpointError, DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        run_cli(main, sys.argv[1:], writes=output_dirs(sys.argv[1:], "evaluations"))
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again", file=sys.stderr)
         sys.exit(130)

@@ -9,17 +9,23 @@ Layout of a run directory::
     RUN/checkpoints/best/      the best epoch by robust test error on the last 500 test images (early stopping)
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a killed job or a full disk
-never leaves a half-written checkpoint that looks valid; older checkpoints are untouched. Only this module talks to
-orbax (the V0 ``CheckpointManager`` API), so a switch to orbax V1 touches one file.
+never leaves a half-written checkpoint that looks valid; older checkpoints are untouched. Saving is idempotent: a step
+that already exists (left by an attempt that was interrupted after writing it) is written again, so a rerun after an
+interruption at any point resumes. Every checkpoint stores a SHA-256 checksum of its arrays, verified on restore, so a
+damaged file (a flipped bit) is found instead of loading different weights; :meth:`Checkpointer.restore_intact` then
+falls back to the newest intact checkpoint. Only this module talks to orbax (the V0 ``CheckpointManager`` API), so a
+switch to orbax V1 touches one file. Storage only: it imports nothing from training (loading a run is
+:mod:`robust_flat.runs`).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
+import errno
+import hashlib
 import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -42,6 +48,30 @@ def _abstract_leaf(x):
     return ocp.utils.to_shape_dtype_struct(x)
 
 
+def _host_array(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-host: replicated, every copy is equal
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
+def tree_checksum(tree: Any) -> str:
+    """SHA-256 of a pytree's arrays (dtype, shape and bytes of every leaf, in flattening order)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        a = np.ascontiguousarray(_host_array(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _no_space(e: BaseException) -> bool:
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class Checkpointer:
     """The three checkpoint streams of a run (latest / snapshots / best)."""
 
@@ -52,36 +82,78 @@ class Checkpointer:
         self.best = _manager(os.path.join(directory, "best"), 1)
 
     def save(self, which: str, step: int, state: Any, meta: dict) -> None:
+        """Write ``state`` (with ``meta`` and the checksum of ``state``) as step ``step`` of stream ``which``.
+        A step that exists already is replaced: it was written by an interrupted earlier attempt at the same step
+        (training is deterministic, so it holds the same values, unless it was damaged)."""
         mngr = getattr(self, which)
+        step = int(step)
+        meta = {**meta, "checksum": tree_checksum(state)}
         try:
-            mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                          meta=ocp.args.JsonSave(meta)), force=True)
+            if step in mngr.all_steps():
+                mngr.delete(step)
+            mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
             mngr.wait_until_finished()
-        except OSError as e:
-            raise CheckpointError(f"could not write the {which} checkpoint at step {step} under {self.directory} "
-                                  f"({e}); free disk space and rerun the same command, earlier checkpoints are "
-                                  "intact") from e
+        except Exception as e:
+            where = f"the {which} checkpoint at step {step} under {self.directory}"
+            if _no_space(e):
+                raise CheckpointError(f"no space left on the device while writing {where}; free disk space and "
+                                      "rerun the same command, the checkpoints written before are intact") from e
+            raise CheckpointError(f"could not write {where} ({type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0][:200]}); rerun the same command once fixed, "
+                                  "the checkpoints written before are intact") from e
 
     def latest_step(self, which: str = "latest") -> Optional[int]:
         return getattr(self, which).latest_step()
 
     def restore(self, which: str, step: Optional[int] = None, target: Any = None):
         """Restore ``(state, meta)``; with ``target`` (a state of the right structure) the arrays are restored into
-        that structure, else as nested dicts."""
+        that structure and checked against the checksum stored with them, else returned as nested dicts."""
         mngr = getattr(self, which)
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no {which} checkpoint under {self.directory}")
         abstract = None if target is None else jax.tree.map(_abstract_leaf, target)
+        path = os.path.join(self.directory, which, str(step))
         try:
             out = mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                    meta=ocp.args.JsonRestore()))
         except Exception as e:
+            raise CheckpointError(f"checkpoint {path} is corrupt or was written for a different model config "
+                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from e
+        meta = dict(out.meta)
+        stored = meta.pop("checksum", None)
+        if target is not None and stored is not None and tree_checksum(out.state) != stored:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its arrays differ from the checksum stored when it "
+                                  "was written")
+        return out.state, meta
+
+    def restore_intact(self, which: str, target: Any):
+        """Restore the newest checkpoint of ``which`` that reads back intact. Returns ``(state, meta, step,
+        damaged)`` with ``damaged`` the ``(step, reason)`` of newer checkpoints that failed, newest first; raises
+        :class:`CheckpointError` when none is intact."""
+        damaged = []
+        for step in sorted(self.all_steps(which), reverse=True):
+            try:
+                state, meta = self.restore(which, step, target)
+            except CheckpointError as e:
+                damaged.append((step, str(e)))
+                continue
+            return state, meta, step, damaged
+        if not damaged:
+            raise CheckpointError(f"no {which} checkpoint under {self.directory}")
+        raise CheckpointError(f"none of the {len(damaged)} {which} checkpoints under {self.directory} can be "
+                              f"restored; the newest: {damaged[0][1]}")
+
+    def read_meta(self, which: str, step: int) -> dict:
+        """The metadata stored with a checkpoint, without reading its arrays."""
+        try:
+            out = getattr(self, which).restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:
             path = os.path.join(self.directory, which, str(step))
-            raise CheckpointError(f"checkpoint {path} is corrupt or does not match this config "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete that folder to fall "
-                                  "back to the previous one, or use a new --run-dir") from e
-        return out.state, out.meta
+            raise CheckpointError(f"checkpoint {path} is corrupt ({type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0][:200]})") from e
+        return dict(out.meta)
 
     def all_steps(self, which: str) -> list[int]:
         return list(getattr(self, which).all_steps())
@@ -89,68 +161,3 @@ class Checkpointer:
     def close(self) -> None:
         for m in (self.latest, self.snapshots, self.best):
             m.close()
-
-
-# -------------------------------------------------------------------------------------------- loading runs
-@dataclasses.dataclass
-class LoadedRun:
-    model: Any
-    params: Any
-    model_state: Any
-    ema_params: Optional[Any]
-    config: Any
-    epoch: int
-    step: int
-    run_dir: str
-    snapshot: str
-
-
-def read_config(run_dir: str):
-    import ml_collections
-
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.json); pass the --run-dir of a "
-                              "training run")
-    try:
-        with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
-    except (json.JSONDecodeError, OSError) as e:
-        raise CheckpointError(f"{path} is unreadable ({e}); the run directory is damaged")
-
-
-def snapshot_tag(snapshot, epoch: int) -> str:
-    """How result files name a snapshot: ``last-ep30`` / ``best-ep12`` (the epoch the name resolved to), ``ep10``."""
-    return f"{snapshot}-ep{epoch}" if str(snapshot) in ("best", "last") else f"ep{snapshot}"
-
-
-def load_run(run_dir: str, snapshot="last") -> LoadedRun:
-    """Load a trained model from a run directory.
-
-    ``snapshot``: ``"last"`` (the newest rolling checkpoint), ``"best"`` (early-stopping choice), or an epoch
-    number (a kept snapshot, every 5 epochs by default).
-    """
-    from robust_flat.training.trainer import build, model_from_config
-
-    config = read_config(run_dir)
-    # The restore target comes from the config (shapes only, nothing is computed), which also lets a checkpoint
-    # written on several devices load on one.
-    shape = (32, 32, 3)
-    abstract_state = jax.eval_shape(lambda: build(config, shape, 1)[2])
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
-    try:
-        if snapshot in ("last", "latest", None):
-            which, step = "latest", None
-        elif snapshot == "best":
-            which, step = "best", None
-        else:
-            which, step = "snapshots", int(snapshot)
-            if step not in ckpt.all_steps("snapshots"):
-                raise CheckpointError(f"{run_dir} has no snapshot for epoch {step}; available: "
-                                      f"{ckpt.all_steps('snapshots')}")
-        state, meta = ckpt.restore(which, step, target=abstract_state)
-    finally:
-        ckpt.close()
-    return LoadedRun(model=model_from_config(config), params=state.params, model_state=state.model_state, ema_params=state.ema_params,
-                     config=config, epoch=int(meta.get("epoch", 0)), step=int(meta.get("step", 0)),
-                     run_dir=run_dir, snapshot=str(snapshot))

@@ -618,7 +618,7 @@ def cli_output_name(args, loaded_run, measure: str) -> str:
     snapshot, epoch = cli_arg(args, "snapshot", None), getattr(loaded_run, "epoch", None)
     if snapshot is None:
         return measure if epoch is None else f"{measure}_ep{epoch}"
-    from robust_flat.checkpoint import snapshot_tag
+    from robust_flat.runs import snapshot_tag
 
     return f"{measure}_{snapshot_tag(snapshot, epoch)}"
 

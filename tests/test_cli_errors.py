@@ -102,13 +102,13 @@ def _tiny_run_dir(path, checkpoint=True):
 
 # ------------------------------------------------------------------ item 11: evaluate and flatness
 def test_evaluate_and_flatness_bad_run_dirs_and_flags_are_one_line(tmp_path, capsys):
-    from experiments import evaluate, flatness
+    from experiments import cli, evaluate, flatness
 
     def ev(*argv):
-        return _one_line_error(capsys, lambda: evaluate.run_cli(evaluate.main, ["--attack", "pgd", *argv]))
+        return _one_line_error(capsys, lambda: cli.run_cli(evaluate.main, ["--attack", "pgd", *argv]))
 
     def fl(*argv):
-        return _one_line_error(capsys, lambda: evaluate.run_cli(flatness.main, ["--measure", "avg", *argv]))
+        return _one_line_error(capsys, lambda: cli.run_cli(flatness.main, ["--measure", "avg", *argv]))
 
     missing = str(tmp_path / "missing")
     for cli in (ev, fl):
@@ -134,11 +134,11 @@ def test_evaluate_and_flatness_bad_run_dirs_and_flags_are_one_line(tmp_path, cap
 
 # ------------------------------------------------------------------ item 15: --n-target-classes
 def test_evaluate_refuses_more_target_classes_than_the_model_has_before_running(tmp_path, capsys):
-    from experiments import evaluate
+    from experiments import cli, evaluate
     from toy_task import load_toy_eval_set, load_toy_run
 
     def ev(*argv):
-        return _one_line_error(capsys, lambda: evaluate.run_cli(
+        return _one_line_error(capsys, lambda: cli.run_cli(
             evaluate.main, ["--run-dir", str(tmp_path), "--n-iter", "2", "--n-examples", "8", "--batch-size", "8",
                             "--no-progress", *argv], load_run=load_toy_run, load_eval_set=load_toy_eval_set))
 
@@ -153,7 +153,7 @@ def test_evaluate_refuses_more_target_classes_than_the_model_has_before_running(
 def test_os_errors_are_one_line_with_the_fix(tmp_path, monkeypatch):
     import errno
 
-    from experiments.evaluate import os_error_line
+    from experiments.cli import os_error_line
     from robust_flat.io import AtomicWriteError
 
     full = os_error_line(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x")),
@@ -234,7 +234,7 @@ def test_unwritable_run_dir_and_unreadable_data_folder(tmp_path, capsys):
 def test_evaluation_out_of_disk_space_is_one_line(tmp_path, capsys, monkeypatch):
     import errno
 
-    from experiments import evaluate
+    from experiments import cli, evaluate
     from robust_flat import evaluation
     from robust_flat.io import AtomicWriteError
     from toy_task import load_toy_eval_set, load_toy_run
@@ -244,7 +244,7 @@ def test_evaluation_out_of_disk_space_is_one_line(tmp_path, capsys, monkeypatch)
                                              "previous file, if any, is unchanged", path)
 
     monkeypatch.setattr(evaluation, "save_state", full_disk)
-    line = _one_line_error(capsys, lambda: evaluate.run_cli(
+    line = _one_line_error(capsys, lambda: cli.run_cli(
         evaluate.main, ["--run-dir", str(tmp_path), "--attack", "apgd-ce", "--n-iter", "2", "--n-examples", "8",
                         "--batch-size", "8", "--no-progress"], load_run=load_toy_run, load_eval_set=load_toy_eval_set,
         kept="finished batches are kept in RUN/evaluations/*.examples.json"))

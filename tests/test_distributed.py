@@ -15,7 +15,7 @@ import pytest
 from experiments.configs import clean as clean_config
 from robust_flat import data as data_lib
 from robust_flat import distributed
-from robust_flat.checkpoint import load_run
+from robust_flat.runs import load_run
 from robust_flat.training.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

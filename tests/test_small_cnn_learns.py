@@ -11,7 +11,7 @@ from experiments.configs import pgd_at
 from robust_flat import data as data_lib
 from robust_flat import models, xla
 from robust_flat.training import make_step
-from robust_flat.training.trainer import build
+from robust_flat.runs import build
 
 STEPS, BATCH = 36, 64
 

@@ -501,7 +501,7 @@ def test_benchmark_twins_use_the_library():
 # ----------------------------------------------------------------------------------------------- CLI
 def test_cli_writes_a_run_that_load_run_restores(tmp_path, capsys):
     from experiments import import_torch as cli
-    from robust_flat.checkpoint import load_run
+    from robust_flat.runs import load_run
 
     net = StutzResNet(width=16)
     with torch.no_grad():

@@ -12,7 +12,8 @@ import pytest
 
 from experiments.configs import clean as clean_config
 from experiments.configs import pgd_at as pgd_at_config
-from robust_flat.checkpoint import CheckpointError, load_run
+from robust_flat.checkpoint import CheckpointError
+from robust_flat.runs import load_run
 from robust_flat.training.trainer import TrainingError, prepare_run_dir, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,14 +94,21 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     assert load_run(run_dir, "last").step == step
 
 
-def test_rerun_with_a_different_config_is_refused(tmp_path):
+def test_rerun_with_a_different_config_is_refused_once_a_rolling_checkpoint_exists(tmp_path):
     c = pgd_at_config.get_config("tiny")
     prepare_run_dir(str(tmp_path), c)
     c2 = pgd_at_config.get_config("tiny")
     c2.attack.steps = 3
-    with pytest.raises(TrainingError, match=r"different config \(attack.steps: 2 -> 3\)"):
-        prepare_run_dir(str(tmp_path), c2)
+    # nothing trained yet (e.g. the first attempt failed loading its data): the corrected config replaces it
+    os.makedirs(tmp_path / "checkpoints" / "snapshots" / "0")
+    prepare_run_dir(str(tmp_path), c2)
+    assert json.load(open(tmp_path / "config.json"))["attack"]["steps"] == 3
+    assert not os.path.exists(tmp_path / "checkpoints")  # the old config's initial snapshot is cleared
+    os.makedirs(tmp_path / "checkpoints" / "latest" / "3")  # a rolling checkpoint: the run is the old config's
+    with pytest.raises(TrainingError, match=r"different config \(attack.steps: 3 -> 2\)"):
+        prepare_run_dir(str(tmp_path), c)
     c3 = pgd_at_config.get_config("tiny")
+    c3.attack.steps = 3
     c3.data.data_dir = "/elsewhere"  # where the data lives may change
     prepare_run_dir(str(tmp_path), c3)
 

@@ -86,7 +86,7 @@ def accuracy(logits_fn, x, y) -> float:
 
 
 def load_toy_run(run_dir, snapshot, size: int = 16):
-    """A stand-in for ``robust_flat.checkpoint.load_run`` (the CLIs take it as ``load_run=``): the trained toy model
+    """A stand-in for ``robust_flat.runs.load_run`` (the CLIs take it as ``load_run=``): the trained toy model
     as a loaded run at epoch 7, step 70."""
     import types
 

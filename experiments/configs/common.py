@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
         early_stopping=True, es_steps=7, es_restarts=5,  # RErr on the last 500 test images at every snapshot
     ))
 
-    c.debug = ml_collections.ConfigDict(dict(sigkill_at_step=-1))  # tests: SIGKILL the job after this step
+    # tests and tests/faults.py: SIGKILL the job after this step / at its N-th checkpoint write (0: the first), after
+    # a delay that usually lands inside that write
+    c.debug = ml_collections.ConfigDict(dict(sigkill_at_step=-1, sigkill_at_save=-1, sigkill_save_delay_ms=0.0))
     return c
 
 

@@ -3,8 +3,12 @@
 A method only supplies ``make_step(config, apply_fn, tx) -> step(state, batch, rng) -> (state, metrics)``
 (:mod:`robust_flat.training`). The trainer owns everything else:
 
-* resume: a rerun with the same command restores the newest rolling checkpoint and continues bit-identically
-  (batches and step keys are pure functions of the seed and the step);
+* resume: a rerun with the same command restores the newest intact rolling checkpoint and continues bit-identically
+  (batches and step keys are pure functions of the seed and the step). The epoch-end writes come in a fixed order,
+  the rolling checkpoint last, and every checkpoint write is idempotent, so an interruption at any instruction
+  (before the first checkpoint, between the epoch-end writes, inside a write) resumes and ends bit-identical to an
+  uninterrupted run; a damaged newest checkpoint (checksum) falls back to the previous one with a warning;
+* one writer per run directory (:mod:`robust_flat.run_lock`); a second job on it is refused;
 * Ctrl-C / SIGTERM: finish the current step, save, exit with status 130 / 143;
 * a NaN or inf loss stops the run with an error naming the step; the last good checkpoint is kept;
 * snapshots every ``snapshot_every`` epochs; the best epoch by robust test error on the last 500 test images
@@ -22,8 +26,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import threading
 import time
 
 import jax
@@ -35,10 +41,11 @@ from robust_flat import distributed, models, xla
 from robust_flat.io import atomic_write_text
 from robust_flat.attacks.pgd import PGDConfig
 from robust_flat.checkpoint import Checkpointer
+from robust_flat.run_lock import RunLock, RunLocked
 from robust_flat.training import make_step
 from robust_flat.training.monitor import eval_cost, evaluate
-from robust_flat.training.optim import make_optimizer
-from robust_flat.training.state import TrainState, create_train_state
+from robust_flat.runs import build
+from robust_flat.training.state import TrainState
 
 
 class TrainingError(RuntimeError):
@@ -51,7 +58,8 @@ class Interrupted(Exception):
 
 
 # Config entries that may differ between a run and its resumption (where the data lives, not what it is).
-_VOLATILE_KEYS = {("data", "data_dir"), ("debug", "sigkill_at_step")}
+_VOLATILE_KEYS = {("data", "data_dir"), ("debug", "sigkill_at_step"), ("debug", "sigkill_at_save"),
+                  ("debug", "sigkill_save_delay_ms")}
 
 
 def _flatten(d, prefix=()):
@@ -68,9 +76,17 @@ def config_to_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def prepare_run_dir(run_dir: str, config, write: bool = True) -> None:
+def has_rolling_checkpoint(run_dir: str) -> bool:
+    """Whether training has written a rolling checkpoint (intact or not) under ``run_dir``."""
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    return os.path.isdir(latest) and any(name.isdigit() for name in os.listdir(latest))
+
+
+def prepare_run_dir(run_dir: str, config, write: bool = True, log=None) -> None:
     """Create the run directory and write ``config.json``, or check that an existing one has the same config.
-    ``write=False`` only checks (the non-primary processes of a multi-host run)."""
+    A run that has no rolling checkpoint yet (it failed or was stopped before its first one: nothing trained) takes
+    the new config, and what it wrote is cleared. ``write=False`` only checks (the non-primary processes of a
+    multi-host run)."""
     path = os.path.join(run_dir, "config.json")
     new = config_to_dict(config)
     if os.path.exists(path):
@@ -78,17 +94,39 @@ def prepare_run_dir(run_dir: str, config, write: bool = True) -> None:
             with open(path) as f:
                 old = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise TrainingError(f"{path} is unreadable ({e}); use a new --run-dir")
-        a, b = _flatten(old), _flatten(new)
-        diff = sorted(k for k in set(a) | set(b) if k not in _VOLATILE_KEYS and a.get(k) != b.get(k))
+            old = e
+        if not has_rolling_checkpoint(run_dir):
+            if isinstance(old, dict) and _config_diff(old, new) and write:
+                shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+                if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+                    os.remove(os.path.join(run_dir, "metrics.jsonl"))
+                if log:
+                    log(f"NEW CONFIG: {run_dir} had no rolling checkpoint yet; its config is replaced "
+                        f"({_describe(_config_diff(old, new), old, new)})")
+            if write:
+                atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+            return
+        if not isinstance(old, dict):
+            raise TrainingError(f"{path} is unreadable ({old}); use a new --run-dir")
+        diff = _config_diff(old, new)
         if diff:
-            shown = ", ".join(f"{'.'.join(k)}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
-            raise TrainingError(f"run directory {run_dir} holds a run with a different config ({shown}); rerun with "
-                                "the same config to resume, or pass a new --run-dir")
+            raise TrainingError(f"run directory {run_dir} holds a run with a different config "
+                                f"({_describe(diff, old, new)}); rerun with the same config to resume, or pass a "
+                                "new --run-dir")
         return
     os.makedirs(run_dir, exist_ok=True)
     if write:
         atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+
+
+def _config_diff(old: dict, new: dict) -> list:
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if k not in _VOLATILE_KEYS and a.get(k) != b.get(k))
+
+
+def _describe(diff: list, old: dict, new: dict) -> str:
+    a, b = _flatten(old), _flatten(new)
+    return ", ".join(f"{'.'.join(k)}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
 
 
 def _truncate_metrics(path: str, completed_epochs: int) -> None:
@@ -112,22 +150,6 @@ def _append_jsonl(path: str, record: dict) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def model_from_config(config):
-    m = config.model
-    return models.create_model(m.name, num_classes=m.num_classes,
-                               **{k: v for k, v in m.to_dict().items() if k not in ("name", "num_classes")})
-
-
-def build(config, input_shape, steps_per_epoch: int):
-    """Model, pure functions, optimizer and the initial train state of a config."""
-    model = model_from_config(config)
-    root = jax.random.PRNGKey(config.seed)
-    params, model_state = models.init_model(model, jax.random.fold_in(root, 0), (1,) + tuple(input_shape))
-    tx = make_optimizer(config.optimizer, steps_per_epoch, config.train.epochs)
-    state = create_train_state(params, model_state, tx, jax.random.fold_in(root, 1), ema=config.ema.enabled)
-    return model, tx, state
 
 
 def load_data(config, log):
@@ -178,11 +200,48 @@ def _eval_attack(config, steps=None, restarts=1) -> PGDConfig:
                      init=a.init, restarts=restarts, unroll=a.unroll)
 
 
+# The jitted train steps of this process, by config (tests and notebooks train several runs of one config in one
+# process: a resumed run reuses the compiled step). Not read inside jitted code.
+_STEP_CACHE: dict = {}
+
+
+def _jitted_step(config, model, tx, steps_per_epoch: int, mesh):
+    """``jit((state, batch) -> (state, metrics))`` of the config's method, sharded over ``mesh``."""
+    identity = {k: v for k, v in _flatten(config_to_dict(config)).items() if k not in _VOLATILE_KEYS}
+    key = (json.dumps(sorted(identity.items(), key=str), default=str), steps_per_epoch,
+           tuple(d.id for d in mesh.devices.flat))
+    if key not in _STEP_CACHE:
+        step_fn = make_step(config, models.make_apply_fn(model), tx)
+
+        def step_with_key(state, batch):
+            return step_fn(state, batch, jax.random.fold_in(state.rng, state.step))
+
+        repl, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        while len(_STEP_CACHE) >= 4:
+            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+        _STEP_CACHE[key] = xla.jit(step_with_key, in_shardings=(repl, sharded), out_shardings=(repl, repl),
+                                   donate_argnums=(0,))
+    return _STEP_CACHE[key]
+
+
 def train(config, run_dir: str, progress: bool = True) -> TrainState:
     """Train (or resume) the run ``run_dir`` with ``config``; returns the final state."""
     os.makedirs(run_dir, exist_ok=True)
+    primary = jax.process_index() == 0  # multi-host: process 0 alone writes files, prints and holds the lock
+    lock = RunLock(run_dir)
+    if primary:
+        try:
+            lock.acquire()
+        except RunLocked as e:
+            raise TrainingError(str(e)) from None
+    try:
+        return _train(config, run_dir, progress, primary)
+    finally:
+        lock.release()
+
+
+def _train(config, run_dir: str, progress: bool, primary: bool) -> TrainState:
     log_path = os.path.join(run_dir, "log.txt")
-    primary = jax.process_index() == 0  # multi-host: process 0 alone writes files and prints
     n_proc = jax.process_count()
 
     def log(msg: str) -> None:
@@ -193,7 +252,7 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
         with open(log_path, "a") as f:
             f.write(msg + "\n")
 
-    prepare_run_dir(run_dir, config, write=primary)
+    prepare_run_dir(run_dir, config, write=primary, log=log)
     x_train, y_train, x_test, y_test = load_data(config, log)
     # a step may consume several mini-batches (Entropy-SGD: L + 1); the step function receives them as one batch
     per_step = int(config.train.get("batches_per_step", 1))
@@ -210,29 +269,44 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
         raise TrainingError(f"batch size {bs} exceeds the {len(x_train)} training examples")
     total = steps_per_epoch * config.train.epochs
     model, tx, state = build(config, x_train.shape[1:], steps_per_epoch)
-    apply_fn, logits_fn = models.make_apply_fn(model), models.make_logits_fn(model, train=False)
-    step_fn = make_step(config, apply_fn, tx)
+    logits_fn = models.make_logits_fn(model, train=False)
 
     # all devices of all processes, grouped by process so each process's rows of a batch are contiguous
     mesh = Mesh(np.asarray(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))), ("data",))
     repl, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     rows = distributed.process_rows(sharded, bs)
-
-    def step_with_key(state, batch):
-        return step_fn(state, batch, jax.random.fold_in(state.rng, state.step))
-
-    jstep = xla.jit(step_with_key, in_shardings=(repl, sharded), out_shardings=(repl, repl), donate_argnums=(0,))
+    jstep = _jitted_step(config, model, tx, steps_per_epoch, mesh)
 
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep_latest=config.checkpoint.keep_latest)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     meta = {"best_robust_error": None, "best_epoch": None}
+    input_shape = [int(d) for d in x_train.shape[1:]]  # stored with every checkpoint: loading needs no data
+    n_saves = [0]
+
+    def save(which: str, at: int, state, save_meta: dict) -> None:
+        """Every checkpoint write of the run, in order (the debug options kill the process at the N-th one)."""
+        if n_saves[0] == config.debug.get("sigkill_at_save", -1):
+            delay_ms = float(config.debug.get("sigkill_save_delay_ms", 0.0))
+            if delay_ms > 0:  # from a timer thread: usually lands inside the write
+                threading.Timer(delay_ms / 1000, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        n_saves[0] += 1
+        ckpt.save(which, at, state, {**save_meta, "input_shape": input_shape})
+
     # replicated before the first save or restore: multi-host, orbax then writes each array once (from process 0)
     # and every process restores the same values; device_get gives device_put host arrays, equal on all processes
     state = jax.device_put(jax.device_get(state) if n_proc > 1 else state, repl)
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore("latest", target=state)
+        newest = ckpt.latest_step()
+        state, meta, restored, damaged = ckpt.restore_intact("latest", target=state)
+        for bad, why in damaged:
+            log(f"WARNING: {why}; resuming from the previous intact checkpoint instead (step {restored}): "
+                f"{bad - restored} steps are redone")
         meta = dict(meta)
-        log(f"RESUME: step {int(state.step)} of {total} (epoch {int(state.step) // steps_per_epoch})")
+        meta.pop("input_shape", None)
+        log(f"RESUME: step {int(state.step)} of {total} (epoch {int(state.step) // steps_per_epoch})"
+            + (f", newest checkpoint step {newest} was damaged" if damaged else ""))
         if primary:
             _truncate_metrics(metrics_path, int(state.step) // steps_per_epoch)
         running = meta.pop("running", None) or {"sums": {}, "count": 0}
@@ -245,7 +319,7 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
             + "; " + _eval_cost_text(config, len(x_train), len(x_test)))
         if primary:
             _truncate_metrics(metrics_path, 0)
-        ckpt.save("snapshots", 0, state, {"epoch": 0, "step": 0})
+        save("snapshots", 0, state, {"epoch": 0, "step": 0})
         running = {"sums": {}, "count": 0}
 
     es_x, es_y = data_lib.subset(x_test, y_test, "test_last500")
@@ -329,21 +403,21 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
                     record["es_robust_error"] = res["robust_error"]
                     if meta.get("best_robust_error") is None or res["robust_error"] < meta["best_robust_error"]:
                         meta.update(best_robust_error=res["robust_error"], best_epoch=epoch)
-                        ckpt.save("best", epoch, state, {"epoch": epoch, "step": step, **res})
+                        save("best", epoch, state, {"epoch": epoch, "step": step, **res})
                 ebar.close()
                 t_eval = time.time() - t_eval
                 if primary:
                     _append_jsonl(metrics_path, record)
                     _write_curves(run_dir, log, curves_warned)
                 if is_snapshot:
-                    ckpt.save("snapshots", epoch, state, {"epoch": epoch, "step": step})
+                    save("snapshots", epoch, state, {"epoch": epoch, "step": step})
                 log(f"epoch {epoch}/{config.train.epochs}: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in record.items()
                     if isinstance(v, float) and k not in ("time_s", "images_per_s"))
                     + f" [train {record['time_s']:.1f} s, {record['images_per_s']:.0f} img/s; eval {t_eval:.1f} s]")
                 sums, count, local, t_epoch = {}, 0, 0, time.time()
             if epoch_end or step % config.checkpoint.every_steps == 0 or step == total:
-                ckpt.save("latest", step, state, checkpoint_meta())
+                save("latest", step, state, checkpoint_meta())
             if n_proc > 1:  # all processes stop at the same step (a signal may reach only some, or at different steps)
                 from jax.experimental import multihost_utils
                 stop["signum"] = int(np.max(multihost_utils.process_allgather(np.int32(stop["signum"] or 0)))) or None
@@ -353,7 +427,7 @@ def train(config, run_dir: str, progress: bool = True) -> TrainState:
             f"(robust error {meta.get('best_robust_error')})")
     except Interrupted as e:
         if ckpt.latest_step() != step:  # not yet saved at this step (a signal during a checkpoint step)
-            ckpt.save("latest", step, state, checkpoint_meta())
+            save("latest", step, state, checkpoint_meta())
         log(f"INTERRUPTED by signal {e.signum} at step {step}: saved; rerun the same command to resume")
         bar.close()
         ckpt.close()
