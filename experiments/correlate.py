@@ -24,7 +24,9 @@ covers the most (the points it lacks are dropped and counted).
 
 Correlations (Pearson, Spearman, Kendall; paired bootstrap CI and permutation p-value, :mod:`robust_flat.stats`):
 (a) ``all_models``: one point per model (each run's last and ES snapshot), flatness vs test RLoss and RErr;
-(b) ``per_run``: each run over its snapshot epochs (claim H3); (c) ``gap``: flatness vs test - train RLoss over all
+(a') ``robust_models``: the same over the runs that gained some robustness, when some did not (``at_chance``: RErr at
+the last epoch at least 1 - 1/C, what a constant prediction gets; such a run has no robust generalization to relate,
+and its extreme loss and flatness alone can make a correlation); (b) ``per_run``: each run over its snapshot epochs (claim H3); (c) ``gap``: flatness vs test - train RLoss over all
 models; (d) ``overfitting``: last-epoch flatness vs last - ES test RLoss, one point per run; and ``h7``: RErr against
 RLoss, separate lines below and above ln 10.
 
@@ -474,6 +476,21 @@ def model_points(runs: Sequence[Run]) -> list[Point]:
     return pts
 
 
+def at_chance(runs: Sequence[Run], columns: set) -> list[tuple[Run, float, str]]:
+    """The runs whose robust test error at the last epoch is at least 1 - 1/C (C classes; a constant prediction's
+    robust error): ``(run, RErr, column)``, RErr from the most preferred source the run has."""
+    out = []
+    for run in runs:
+        classes = int((run.config.get("model") or {}).get("num_classes") or 10)
+        for col in rerr_candidates(columns):
+            v = run.value(run.last_epoch, col)
+            if v is not None:
+                if v >= 1 - 1 / classes:
+                    out.append((run, v, col))
+                break
+    return out
+
+
 def _choose(points: Sequence[Point], candidates: Sequence[tuple[str, Callable[[Point], Any]]]):
     """The candidate source for the points: the most preferred one with a value for every point, else the one with
     the most values (preference breaks ties). Returns ``(name, values)`` or ``(None, [])``."""
@@ -550,10 +567,16 @@ def correlations(runs: Sequence[Run], table: Sequence[dict], *, n_resamples: int
                                     "permutation_type='pairings', exact when n! <= resamples"},
         "flatness_columns": {"avg": primary_column(table, "avg"), "worst": primary_column(table, "worst"),
                              "all": robust_flat},
-        "all_models": [], "per_run": [], "gap": [], "overfitting": []}
+        "all_models": [], "robust_models": [], "per_run": [], "gap": [], "overfitting": []}
+    chance = at_chance(runs, columns)
+    out["at_chance"] = [{"label": r.label, "rerr": v, "source": col} for r, v, col in chance]
+    robust_pts = [p for p in pts if p.run not in [r for r, _, _ in chance]]
     for x in robust_flat:
         for what, cands in (("rloss", rloss), ("rerr", [_column(c) for c in rerr_candidates(columns)])):
             out["all_models"].append(_correlate(pts, x, cands, {"scope": "all_models", "target": what}, options))
+            if chance:
+                out["robust_models"].append(_correlate(robust_pts, x, cands,
+                                                       {"scope": "robust_models", "target": what}, options))
         out["gap"].append(_correlate(pts, x, [_column(c) for c in GAP_CANDIDATES], {"scope": "gap", "target": "gap"},
                                      options))
         run_pts = [Point(r, r.last_epoch, "run") for r in runs if r.last_epoch is not None]
@@ -684,7 +707,10 @@ def summary(analysis: Analysis) -> list[str]:
              + ", ".join(f"{r.label} {fmt(r.es_epoch)}/{fmt(r.last_epoch)}" for r in analysis.runs)]
     if analysis.missing:
         lines.append(f"runs of grid.json without a directory: {', '.join(analysis.missing)}")
-    for res in corr["all_models"] + corr["gap"] + corr["overfitting"]:
+    if corr.get("at_chance"):
+        lines.append("at chance (RErr >= 1 - 1/C at the last epoch; left out of robust_models): "
+                     + ", ".join(f"{c['label']} ({c['rerr']:.1%})" for c in corr["at_chance"]))
+    for res in corr["all_models"] + corr.get("robust_models", []) + corr["gap"] + corr["overfitting"]:
         lines.append(f"{res['scope']}: {res['x']} vs {res['y'] or res['target']}: {_coefficients_line(res)}")
     h7 = corr["h7"]
     segs = []

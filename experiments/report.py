@@ -59,7 +59,9 @@ RULES = {
     "H3": ("Per run and flatness measure with at least 3 snapshot epochs that have both flatness and test RLoss: "
            "Spearman's rho across the epochs. *shows* if rho > 0 for every (run, measure), *partly* for some, *does "
            "not show* for none, *not measured* without such a run."),
-    "H6": ("Over all models (each run's last and early-stopped snapshot), test RLoss against average-case flatness: "
+    "H6": ("Over all models (each run's last and early-stopped snapshot) that gained some robustness (runs whose robust "
+           "test error at the last epoch is at least 1 - 1/C, what a constant prediction gets, are left out and "
+           "listed), test RLoss against average-case flatness: "
            "*shows* if Pearson's r > 0 with the lower end of its bootstrap interval > 0 and Spearman's rho > 0; "
            "*partly* if r > 0 or rho > 0 otherwise; *does not show* if both are <= 0; *not measured* with fewer than "
            "3 models. The worst-case coefficients are reported next to it."),
@@ -263,13 +265,27 @@ def h3(analysis: Analysis) -> Verdict:
 
 
 def h6(analysis: Analysis) -> Verdict:
-    fc = analysis.correlations["flatness_columns"]
-    avg = find(analysis.correlations["all_models"], x=fc["avg"], target="rloss") if fc["avg"] else None
-    worst = find(analysis.correlations["all_models"], x=fc["worst"], target="rloss") if fc["worst"] else None
-    rows = [[res["x"], res["y"] or "–", res["n"], _coef(res, "pearson"), _coef(res, "spearman"),
-             _coef(res, "kendall")] for res in (avg, worst) if res]
-    details = _table(["flatness", "test RLoss", "models", "Pearson r [95% CI], p", "Spearman rho", "Kendall tau"],
-                     rows) if rows else []
+    corr = analysis.correlations
+    fc = corr["flatness_columns"]
+    chance = corr.get("at_chance") or []
+    # the verdict is taken over the models that gained some robustness: a run at chance has no robust
+    # generalization to relate, and its extreme loss and flatness alone can make a correlation
+    scope = "robust_models" if chance else "all_models"
+    avg = find(corr[scope], x=fc["avg"], target="rloss") if fc["avg"] else None
+    worst = find(corr[scope], x=fc["worst"], target="rloss") if fc["worst"] else None
+    rows = []
+    for group, title in (("all_models", "all"), ("robust_models", "above chance")):
+        for col in (fc["avg"], fc["worst"]):
+            res = find(corr.get(group, []), x=col, target="rloss") if col else None
+            if res:
+                rows.append([title, res["x"], res["y"] or "–", res["n"], _coef(res, "pearson"),
+                             _coef(res, "spearman"), _coef(res, "kendall")])
+    details = _table(["models", "flatness", "test RLoss", "n", "Pearson r [95% CI], p", "Spearman rho",
+                      "Kendall tau"], rows) if rows else []
+    if chance:
+        details += ["", "At chance (robust test error at the last epoch at least 1 - 1/C, what a constant prediction "
+                    "gets), left out of the verdict: " + ", ".join(f"{c['label']} ({c['rerr']:.1%})"
+                                                                  for c in chance) + "."]
     if not avg or "pearson" not in avg:
         n = avg["n"] if avg else 0
         return Verdict("H6", "not measured", f"{n} models with average-case flatness and test RLoss"
@@ -283,9 +299,16 @@ def h6(analysis: Analysis) -> Verdict:
     else:
         verdict = "does not show"
     summary = (f"Pearson r = {r:.2f} {_ci(avg['pearson'])}, Spearman rho = {rho:.2f} {_ci(avg['spearman'])} over "
-               f"{avg['n']} models")
+               f"{avg['n']} models" + (" above chance" if chance else ""))
     if worst and "pearson" in worst:
-        summary += f"; worst-case Pearson r = {worst['pearson']['estimate']:.2f} {_ci(worst['pearson'])}"
+        summary += (f"; worst-case Pearson r = {worst['pearson']['estimate']:.2f} {_ci(worst['pearson'])}, "
+                    f"Spearman rho = {worst['spearman']['estimate']:.2f} {_ci(worst['spearman'])}")
+    if chance:
+        full = find(corr["all_models"], x=fc["avg"], target="rloss")
+        if full and "pearson" in full:
+            summary += (f" (with the {len(chance)} run(s) at chance, {', '.join(c['label'] for c in chance)}: "
+                        f"{full['n']} models, Pearson r = {full['pearson']['estimate']:.2f} {_ci(full['pearson'])}, "
+                        f"Spearman rho = {full['spearman']['estimate']:.2f})")
     return Verdict("H6", verdict, summary, details)
 
 
@@ -436,9 +459,9 @@ def coefficients_section(analysis: Analysis) -> list[str]:
              f"{s['n_resamples']} resamples, seed {s['seed']}). Each correlation takes all its y values from one "
              "source (named in the table).", ""]
     rows = []
-    for group, title in (("all_models", "all models"), ("gap", "all models, gap"),
-                         ("overfitting", "per run, last - ES")):
-        for res in corr[group]:
+    for group, title in (("all_models", "all models"), ("robust_models", "models above chance"),
+                         ("gap", "all models, gap"), ("overfitting", "per run, last - ES")):
+        for res in corr.get(group, []):
             y = f"{res['y']}" if res["y"] else res["target"]
             rows.append([title, res["x"], y, res["n"], _coef(res, "pearson"), _coef(res, "spearman"),
                          _coef(res, "kendall"), res.get("note", "")])
@@ -448,6 +471,10 @@ def coefficients_section(analysis: Analysis) -> list[str]:
         sources = sorted({(r["y"], r["y_source"]) for g in ("all_models", "gap", "overfitting") for r in corr[g]
                           if r["y"]})
         lines += [""] + [f"- `{y}`: {src}" for y, src in sources]
+        if corr.get("at_chance"):
+            lines.append("- models above chance: without the runs whose robust test error at the last epoch is at "
+                         "least 1 - 1/C, what a constant prediction gets: "
+                         + ", ".join(f"{c['label']} ({c['rerr']:.1%}, {c['source']})" for c in corr["at_chance"]))
     else:
         lines.append("No flatness results yet: no correlation (run `python -m experiments.flatness` on the "
                      "snapshots).")

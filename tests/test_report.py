@@ -105,6 +105,26 @@ def test_weak_or_reversed_relations_are_reported_as_findings(tmp_path):
     assert "| flatter at ES |" not in text and text.count("| not flatter at ES |") == 5
 
 
+def test_a_run_at_chance_is_left_out_of_the_h6_verdict_and_named(tmp_path):
+    root = tmp_path / "g"
+    for i in range(4):  # no relation between flatness and test RLoss among the runs that learned
+        make_run(root, f"r{i}", rloss={4: (1.6, 0.5, 1.3, 0.4), 10: (1.9 + 0.1 * (i % 2), 0.6, 1.0, 0.3)},
+                 avg={4: 0.5, 10: 0.3 + 0.1 * i}, aa={4: 0.55, 10: 0.6})
+    # a run that gained no robustness (RErr 99% >= 1 - 1/10): extreme RLoss and flatness, alone it makes r ~ 1
+    make_run(root, "dead", rloss={4: (3.3, 0.99, 3.3, 0.99), 10: (3.4, 0.99, 3.3, 0.99)}, avg={4: 3.0, 10: 3.1},
+             aa={4: 0.99, 10: 0.99})
+    write_grid(root, [(f"r{i}", "pgd_at", "AT") for i in range(4)] + [("dead", "pgd_at", "AT")])
+    analysis = correlate.analyse([str(root)], str(tmp_path / "out"), n_resamples=99, figures=False)
+    assert [c["label"] for c in analysis.correlations["at_chance"]] == ["dead"]
+    full = correlate.find(analysis.correlations["all_models"], x="avg_xi0.5", target="rloss")
+    above = correlate.find(analysis.correlations["robust_models"], x="avg_xi0.5", target="rloss")
+    assert full["n"] == 10 and above["n"] == 8 and "dead" not in {pt["label"] for pt in above["points"]}
+    assert full["pearson"]["estimate"] > 0.9 and above["pearson"]["ci"][0] < 0  # the dead run made the correlation
+    res = report.h6(analysis)
+    assert res.verdict != "shows" and "over 8 models above chance" in res.summary
+    assert "with the 1 run(s) at chance, dead: 10 models" in res.summary and "dead (99.0%)" in "\n".join(res.details)
+
+
 def test_h7_verdict_follows_the_slopes(tmp_path):
     def run_h7(points):
         root = tmp_path / f"h7_{len(os.listdir(tmp_path))}"
