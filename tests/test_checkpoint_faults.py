@@ -176,3 +176,26 @@ def test_a_model_trained_on_other_image_sizes_loads(tmp_path):
     loaded = load_run(str(tmp_path / "run"), "last")
     assert all(np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(state.params)))
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_earlier_ones(tmp_path, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    state = {"w": np.arange(8, dtype=np.float32)}
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save("latest", 1, state, {"epoch": 1})
+
+    def full(self, step, *args, **kwargs):  # what orbax raised: a ValueError wrapping the OSError
+        raise ValueError("tensorstore write failed") from OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    with pytest.raises(CheckpointError) as err:
+        ckpt.save("latest", 2, {"w": state["w"] + 1}, {"epoch": 2})
+    assert len(str(err.value).splitlines()) == 1
+    assert str(err.value).startswith("no space left on the device while writing the latest checkpoint at step 2")
+    assert "free disk space and rerun the same command" in str(err.value)
+    monkeypatch.undo()
+    restored, meta = Checkpointer(str(tmp_path)).restore("latest", target=state)
+    assert meta["epoch"] == 1 and np.array_equal(restored["w"], state["w"])
