@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,9 +8,20 @@ import pytest
 from robust_flat import models as M
 
 
+def _init_params(m):
+    """``init_model`` as one jitted program with an "rbg" key: ~3x faster on CPU than eager threefry init, whose every
+    op is a compile of its own."""
+    return jax.jit(lambda k: M.init_model(m, k))(jax.random.key(0, impl="rbg"))
+
+
 def _init(name, **kw):
-    m = M.create_model(name, **kw)
-    p, s = M.init_model(m, jax.random.PRNGKey(0))
+    return _init_cached(name, tuple(sorted(kw.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _init_cached(name, kw):  # tests with the same model share one init (arrays are immutable)
+    m = M.create_model(name, **dict(kw))
+    p, s = _init_params(m)
     return m, p, s
 
 
@@ -32,7 +45,7 @@ def test_models_build_and_output_shape(name, count):
     shapes = jax.eval_shape(lambda: M.init_model(m, jax.random.PRNGKey(0)))
     params, state = shapes
     if count is not None:
-        assert M.count_params(M.init_model(M.create_model(name), jax.random.PRNGKey(0))[0]) == count
+        assert M.count_params(_init_params(M.create_model(name))[0]) == count
     out = jax.eval_shape(M.make_logits_fn(m), params, state, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
     assert out.shape == (2, 7)
 
@@ -72,7 +85,8 @@ def test_train_mode_updates_batch_stats_and_eval_mode_does_not():
 
 
 def test_normalization_off_has_no_batch_stats():
-    m, p, s = _init("resnet18", width=8, norm="none")
+    m = M.create_model("resnet18", width=8, norm="none")
+    p, s = jax.eval_shape(lambda k: M.init_model(m, k), jax.random.PRNGKey(0))  # the structure is what is checked
     assert s == {}
     assert not any("norm" in "/".join(map(str, k)) for k, _ in jax.tree_util.tree_flatten_with_path(p)[0])
 
@@ -100,8 +114,8 @@ def test_bfloat16_compute_keeps_float32_params_stats_and_logits(name, opts):
     x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3))
     m32 = M.create_model(name, **opts)
     m16 = M.create_model(name, dtype="bfloat16", **opts)
-    params, state = M.init_model(m32, jax.random.PRNGKey(0))
-    params16, state16 = M.init_model(m16, jax.random.PRNGKey(0))
+    params, state = _init_params(m32)
+    params16, state16 = _init_params(m16)
     # same parameter tree, all float32: checkpoints of either dtype are interchangeable
     assert jax.tree.structure(params) == jax.tree.structure(params16)
     assert {a.dtype for a in jax.tree.leaves((params16, state16))} == {jnp.dtype(jnp.float32)}
