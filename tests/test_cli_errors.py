@@ -111,24 +111,24 @@ def test_evaluate_and_flatness_bad_run_dirs_and_flags_are_one_line(tmp_path, cap
         return _one_line_error(capsys, lambda: cli.run_cli(flatness.main, ["--measure", "avg", *argv]))
 
     missing = str(tmp_path / "missing")
-    for cli in (ev, fl):
-        assert "is not a run directory (no config.json)" in cli("--run-dir", missing)
-        assert "--snapshot must be an epoch number" in cli("--run-dir", missing, "--snapshot", "x")
-        assert "eps must be > 0" in cli("--run-dir", missing, "--eps", "0")
+    for command in (ev, fl):
+        assert "is not a run directory (no config.json)" in command("--run-dir", missing)
+        assert "--snapshot must be an epoch number" in command("--run-dir", missing, "--snapshot", "x")
+        assert "eps must be > 0" in command("--run-dir", missing, "--eps", "0")
     assert "--xi must be >= 0" in fl("--run-dir", missing, "--xi", "-1")
     assert "--samples must be >= 1" in fl("--run-dir", missing, "--samples", "0")
     assert "--n-iter, --pgd-steps and --pgd-restarts must be >= 1" in ev("--run-dir", missing, "--pgd-steps", "0")
 
     damaged = _tiny_run_dir(tmp_path / "damaged")  # a checkpoint that fails to load (was 764 lines of traceback)
-    for cli in (ev, fl):
-        assert "corrupt" in cli("--run-dir", str(damaged))
-        assert "no snapshot for epoch 3" in cli("--run-dir", str(damaged), "--snapshot", "3")
+    for command in (ev, fl):
+        assert "corrupt" in command("--run-dir", str(damaged))
+        assert "no snapshot for epoch 3" in command("--run-dir", str(damaged), "--snapshot", "3")
     (damaged / "config.json").write_text('{"method": ')
-    for cli in (ev, fl):
-        assert "config.json is unreadable" in cli("--run-dir", str(damaged))
+    for command in (ev, fl):
+        assert "config.json is unreadable" in command("--run-dir", str(damaged))
     (damaged / "config.json").write_text("{}")  # valid JSON, not a run's config: one line too (_one_line_error)
-    for cli in (ev, fl):
-        assert str(damaged) in cli("--run-dir", str(damaged))
+    for command in (ev, fl):
+        assert str(damaged) in command("--run-dir", str(damaged))
     assert not (damaged / "evaluations").exists() and not (damaged / "flatness").exists()
 
 
