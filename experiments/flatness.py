@@ -10,15 +10,20 @@ Measures (paper defaults; see :mod:`robust_flat.flatness`):
   Each sample/restart is one weight perturbation for the whole evaluation set (``--nu-per dataset``, the default;
   the worst-case one is updated after every batch), as in the released code; ``--nu-per batch`` draws or attacks a
   new one for every batch (docs/paper-vs-code.md#nu-per).
-* ``hessian``, ``landscape``       dispatched to ``robust_flat.hessian.run_cli`` / ``robust_flat.landscape.run_cli``;
-  options this script does not know (``--k 4``, ``--directions random``) are passed to them as attributes. They
-  show progress and resume the same way (Lanczos run / Hutchinson and SLQ probes; landscape curves / surface rows).
+* ``hessian``        extreme eigenvalues, trace and spectral density of the Hessian (:mod:`experiments.hessian`)
+* ``landscape``      loss curves and surfaces along weight directions (:mod:`experiments.landscape`)
+
+  They show progress and resume the same way (Lanczos run / Hutchinson and SLQ probes; curves / surface rows).
+  Every option belongs to some measures (``--help`` lists them by measure, with their defaults): one given with
+  another measure, or a misspelt one, is refused (one line, exit status 2).
 
 Data: ``--subset`` (default ``test_first1000``, the paper's; ``test_last500`` for the Hessian, ``test_last100`` for
-the landscape), the first ``--n-examples`` of it (default 1000 for the flatness measures).
+the landscape), the first ``--n-examples`` of it (default 1000 for the flatness measures, 128 for the landscape,
+all of it for the Hessian).
 
-Output: ``RUN/flatness/<name>.json`` (summary) and ``<name>.npz`` (per-example losses), ``<name>`` =
-``{measure}_xi{xi}_{snapshot}`` unless ``--name``. Interrupted runs resume: each finished sample/restart and the
+Output of the flatness measures (the Hessian's and the landscape's: see their modules): ``RUN/flatness/<name>.json``
+(summary) and ``<name>.npz`` (per-example losses), ``<name>`` = ``{measure}_xi{xi}_{snapshot}`` unless ``--name``.
+Interrupted runs resume: each finished sample/restart and the
 reference loss are written atomically (:mod:`robust_flat.io`) under ``RUN/flatness/.partial/<name>-<hash>/``
 (:mod:`robust_flat.partial`; the hash covers every setting that changes the numbers); a rerun skips them. Keys
 derive from ``--seed``, so a resumed run gives the same numbers as an uninterrupted one. A finished result is not
@@ -28,19 +33,23 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import os
 import sys
 from typing import Callable, Optional
 
 import numpy as np
 
+from experiments import hessian, landscape
+from experiments.cli import OneLineParser
 from robust_flat.io import atomic_save_npz, atomic_write_json
 from robust_flat.partial import PartialResults, finished_result, fingerprint
 
 FLATNESS_MEASURES = ("avg", "worst", "clean_avg", "clean_worst")
-DISPATCHED = ("hessian", "landscape")
+MEASURES = FLATNESS_MEASURES + ("hessian", "landscape")
+ROBUST = ("avg", "worst", "hessian", "landscape")  # the measures that attack inputs (--eps, --pgd-steps)
 DEFAULT_SUBSET = {"hessian": "test_last500", "landscape": "test_last100"}
+INSTEAD = {("--samples", "landscape"): "--num-directions", ("--granularity", "landscape"): "--normalization"}
+_UNSET = object()
 
 
 def _eps(text: str) -> float:
@@ -52,64 +61,107 @@ def _eps(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from experiments.cli import OneLineParser
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless it names the default itself or has none."""
 
-    p = OneLineParser(prog="python -m experiments.flatness", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", required=True, help="training run directory (config.json, checkpoints/)")
-    p.add_argument("--snapshot", default="last", help="epoch number, 'best' or 'last' (default)")
-    p.add_argument("--measure", required=True, choices=FLATNESS_MEASURES + DISPATCHED)
-    p.add_argument("--xi", type=float, default=None, help="neighbourhood radius (default 0.5 avg, 0.003 worst)")
-    p.add_argument("--samples", type=int, default=None,
-                   help="random samples (avg) or restarts (worst); default 10")
-    p.add_argument("--n-examples", type=int, default=None, help="first N examples of the subset (default 1000 for "
-                   "the flatness measures, all of the subset otherwise)")
-    p.add_argument("--subset", default=None, help="evaluation subset (default test_first1000)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--use-ema", action="store_true", help="evaluate the weight-averaged parameters")
-    p.add_argument("--eps", type=_eps, default=8 / 255, help="L-inf radius of the input attacks (8/255 or 0.0314)")
-    p.add_argument("--pgd-steps", type=int, default=20, help="PGD iterations (inner max and reference)")
-    p.add_argument("--reference-restarts", type=int, default=10)
-    p.add_argument("--attack-iters", type=int, default=20, help="joint weight(+input) attack iterations (worst)")
-    p.add_argument("--weight-lr", type=float, default=0.001, help="worst-case weight lr (paper 0.001; code 0.01)")
-    p.add_argument("--nu-per", choices=("dataset", "batch"), default="dataset",
-                   help="dataset (default): one weight perturbation nu per sample/restart for the whole evaluation "
-                        "set, the worst-case nu updated after every batch (--attack-iters passes), as the released "
-                        "code that produced the paper's numbers; batch: a new nu for every batch, the worst-case "
-                        "attack running --attack-iters steps per batch, which at 20 steps has not converged and "
-                        "understates the worst case (docs/paper-vs-code.md#nu-per)")
-    p.add_argument("--distribution", choices=("ball", "sphere", "uniform_norm"), default="ball",
-                   help="average-case nu: in the ball (paper, default) or on the sphere (code)")
-    p.add_argument("--granularity", choices=("layer", "filter", "global"), default="layer")
-    p.add_argument("--strategy", choices=("loop", "chunked", "vmap"), default=None,
-                   help="how the samples are evaluated (default: loop, measured fastest for ResNet-18 on "
-                        "CPU and GPU; vmap is faster for small models on a GPU)")
-    p.add_argument("--chunk-size", type=int, default=2)
-    p.add_argument("--name", default=None, help="output file name (without .json)")
-    p.add_argument("--fresh", action="store_true", help="ignore finished and partial results")
-    p.add_argument("--no-progress", action="store_true")
+    def _get_help_string(self, action):
+        text = action.help or ""
+        none = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if none or action.required or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class MeasureParser(OneLineParser):
+    """Options that belong to some measures: one given with another ``--measure`` is a one-line error (exit 2), as
+    is a misspelt one (no abbreviations: ``--lanczos-iter`` is not ``--lanczos-iters``)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=_HelpFormatter, **kwargs)
+        self.applies = {}  # dest -> (flag, the measures it applies to)
+
+    def measure_group(self, title: str, measures: tuple) -> Callable:
+        """``option(*flags, applies=measures, **kwargs)``: ``add_argument`` in the help section ``title``; an option
+        that applies to other measures than the section's names them at the end of its help."""
+        group = self.add_argument_group(title)
+
+        def option(*flags, applies=measures, **kwargs):
+            if tuple(applies) != tuple(measures):
+                kwargs["help"] = f"{kwargs.get('help', '')} [{', '.join(applies)}]".strip()
+            action = group.add_argument(*flags, **kwargs)
+            self.applies[action.dest] = (flags[0], tuple(applies))
+            return action
+
+        return option
+
+    def parse_known_args(self, args=None, namespace=None):
+        if namespace is not None:
+            return super().parse_known_args(args, namespace)
+        ns, extra = super().parse_known_args(args, argparse.Namespace(**dict.fromkeys(self.applies, _UNSET)))
+        for dest, (flag, measures) in self.applies.items():
+            if getattr(ns, dest) is _UNSET:  # not given: its default
+                setattr(ns, dest, self.get_default(dest))
+            elif ns.measure not in measures:
+                instead = INSTEAD.get((flag, ns.measure))
+                self.error(f"{flag} is not an option of --measure {ns.measure}; "
+                           + (f"use {instead}" if instead else f"it belongs to --measure {', '.join(measures)}"))
+        return ns, extra
+
+
+def build_parser() -> MeasureParser:
+    p = MeasureParser(prog="python -m experiments.flatness", description=__doc__)
+    common = p.measure_group("options of every measure (or of those in [...])", MEASURES)
+    common("--run-dir", required=True, help="training run directory (config.json, checkpoints/)")
+    common("--snapshot", default="last", help="epoch number, 'best' or 'last'")
+    common("--measure", required=True, choices=MEASURES)
+    common("--n-examples", type=int, default=None, help="the first N examples of the subset (default: 1000 for "
+           "the flatness measures, 128 for landscape, all of the subset for hessian)")
+    common("--subset", default=None, help="evaluation subset (default: test_first1000; test_last500 for hessian, "
+           "test_last100 for landscape)")
+    common("--data-dir", default=None, help="the dataset's folder (default: the run's config)")
+    common("--seed", type=int, default=0, help="every random key derives from it")
+    common("--use-ema", action="store_true", help="evaluate the weight-averaged parameters")
+    common("--name", default=None, help="output file name without .json (default: from the measure and the "
+           "snapshot, e.g. avg_xi0.5_last-ep30, hessian_last-ep30, landscape_best-ep12)")
+    common("--fresh", action="store_true", help="ignore finished and partial results")
+    common("--no-progress", action="store_true", help="no progress bar")
+    common("--eps", applies=ROBUST, type=_eps, default=8 / 255,
+           help="L-inf radius of the input attacks, 8/255 or 0.0314 (default: 8/255)")
+    common("--pgd-steps", applies=ROBUST, type=int, default=20,
+           help="PGD iterations (inner max and reference; the robust-loss Hessian; every landscape point)")
+    common("--batch-size", applies=FLATNESS_MEASURES + ("hessian",), type=int, default=128)
+    common("--lanczos-iters", applies=("hessian", "landscape"), type=int, default=None,
+           help=f"Lanczos iterations (default: {hessian.LANCZOS_ITERS} for hessian; {landscape.LANCZOS_ITERS} for "
+                "landscape's Hessian direction)")
+
+    flat = p.measure_group("options of --measure avg, worst, clean_avg, clean_worst (or of those in [...])",
+                           FLATNESS_MEASURES)
+    flat("--xi", type=float, default=None, help="neighbourhood radius, relative per layer (default: 0.5 for the "
+         "average case, 0.003 for the worst case)")
+    flat("--samples", type=int, default=10, help="random samples (average case) or restarts (worst case)")
+    flat("--reference-restarts", applies=("avg", "worst"), type=int, default=10,
+         help="restarts of the reference PGD")
+    flat("--attack-iters", applies=("worst", "clean_worst"), type=int, default=20,
+         help="joint weight(+input) attack iterations")
+    flat("--weight-lr", applies=("worst", "clean_worst"), type=float, default=0.001,
+         help="weight learning rate of the worst case (paper 0.001; code 0.01)")
+    flat("--nu-per", choices=("dataset", "batch"), default="dataset",
+         help="dataset: one weight perturbation nu per sample/restart for the whole evaluation set, the "
+              "worst-case nu updated after every batch (--attack-iters passes), as the released code that "
+              "produced the paper's numbers; batch: a new nu for every batch, the worst-case attack running "
+              "--attack-iters steps per batch, which at 20 steps has not converged and understates the worst "
+              "case (docs/paper-vs-code.md#nu-per)")
+    flat("--distribution", applies=("avg", "clean_avg"), choices=("ball", "sphere", "uniform_norm"),
+         default="ball", help="average-case nu: in the ball (paper) or on the sphere (code)")
+    flat("--granularity", choices=("layer", "filter", "global"), default="layer")
+    flat("--strategy", choices=("loop", "chunked", "vmap"), default=None,
+         help="how the samples are evaluated (default: loop, measured fastest for ResNet-18 on CPU and GPU; "
+              "vmap is faster for small models on a GPU)")
+    flat("--chunk-size", type=int, default=2)
+
+    hessian.add_options(p.measure_group("options of --measure hessian", ("hessian",)))
+    landscape.add_options(p.measure_group("options of --measure landscape", ("landscape",)))
     return p
-
-
-def _extra_args(extra: list[str], ns: argparse.Namespace) -> argparse.Namespace:
-    """``--some-opt value`` / ``--flag`` pairs -> attributes ``some_opt`` (for the hessian/landscape modules)."""
-    i = 0
-    while i < len(extra):
-        tok = extra[i]
-        if not tok.startswith("--"):
-            raise SystemExit(f"unexpected argument {tok!r}")
-        name, _, value = tok[2:].partition("=")
-        if not value:
-            if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-                value, i = extra[i + 1], i + 1
-            else:
-                value = True
-        setattr(ns, name.replace("-", "_"), value)
-        i += 1
-    return ns
 
 
 def make_config(args, clip_weights: Optional[float] = None):
@@ -159,16 +211,26 @@ def _load_data(load_eval_set, loaded, subset, data_dir, n):
     return np.asarray(x, np.float32), np.asarray(y, np.int32)
 
 
-def _dispatch(measure, args, loaded, x, y, out_dir):
-    try:
-        module = importlib.import_module(f"robust_flat.{measure}")
-    except ModuleNotFoundError as e:
-        if e.name != f"robust_flat.{measure}":
-            raise
-        raise SystemExit(f"--measure {measure} needs robust_flat/{measure}.py, which is not installed") from None
-    if not hasattr(module, "run_cli"):
-        raise SystemExit(f"robust_flat.{measure} has no run_cli(args, loaded_run, x, y, out_dir) function")
-    return module.run_cli(args, loaded, x, y, out_dir)
+def _params(args, loaded):
+    """The run's parameters, or their weight average with ``--use-ema``."""
+    if not args.use_ema:
+        return loaded.params
+    if loaded.ema_params is None:
+        raise SystemExit("--use-ema: this run has no weight-averaged parameters")
+    return loaded.ema_params
+
+
+def _depends_on(args, loaded, params, x, y) -> dict:
+    """What a Hessian or landscape result depends on besides its own settings (in its fingerprint): digests of the
+    weights and the data, the snapshot, ``--use-ema``."""
+    from robust_flat.partial import array_digest
+
+    return {"params": array_digest(params, loaded.model_state), "data": array_digest(x, y), "epoch": loaded.epoch,
+            "step": loaded.step, "snapshot": str(args.snapshot), "use_ema": args.use_ema}
+
+
+RUNS = {"hessian": hessian.run, "landscape": landscape.run}
+CONFIGS = {"hessian": hessian.config, "landscape": landscape.config}
 
 
 def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = None,
@@ -176,10 +238,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     """Run the CLI; returns the result dict. ``load_run``/``load_eval_set`` default to
     :func:`robust_flat.runs.load_run` / :func:`robust_flat.data.load_eval_set` (injectable for tests)."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.measure in FLATNESS_MEASURES:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args = _extra_args(extra, args)
+    args = parser.parse_args(argv)
     if args.snapshot not in ("best", "last") and not args.snapshot.isdigit():
         parser.error(f"--snapshot must be an epoch number, 'best' or 'last', got {args.snapshot!r}")
     if args.n_examples is not None and args.n_examples < 1:
@@ -191,10 +250,10 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
             parser.error(f"--samples must be >= 1, got {args.samples}")
         if min(args.batch_size, args.chunk_size) < 1 or args.pgd_steps < 0:
             parser.error("--batch-size and --chunk-size must be >= 1, --pgd-steps >= 0")
-        try:
-            make_config(args)
-        except ValueError as e:
-            parser.error(str(e))
+    try:
+        CONFIGS.get(args.measure, make_config)(args)
+    except ValueError as e:
+        parser.error(str(e))
     if load_run is None:
         from robust_flat.runs import load_run
     if load_eval_set is None:
@@ -206,20 +265,18 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     loaded = load_checked(load_run, args.run_dir, snapshot)
     out_dir = os.path.join(args.run_dir, "flatness")
     subset = args.subset or DEFAULT_SUBSET.get(args.measure, "test_first1000")
-    if args.measure in DISPATCHED:
+    params = _params(args, loaded)
+    if args.measure in RUNS:
         x, y = _load_data(load_eval_set, loaded, subset, args.data_dir, args.n_examples)
-        return _dispatch(args.measure, args, loaded, x, y, out_dir)
+        if args.measure == "landscape" and args.n_examples is None:  # the paper's one batch
+            x, y = x[:landscape.N_EXAMPLES], y[:landscape.N_EXAMPLES]
+        return RUNS[args.measure](args, loaded, params, x, y, out_dir, _depends_on(args, loaded, params, x, y))
 
     import jax
 
     from robust_flat.flatness import average_case, config_to_dict, total_work, worst_case
     from robust_flat.models import make_logits_fn
 
-    params = loaded.params
-    if args.use_ema:
-        if loaded.ema_params is None:
-            raise SystemExit("--use-ema: this run has no weight-averaged parameters")
-        params = loaded.ema_params
     clip = None
     try:
         clip = loaded.config.train.get("clip_weights")

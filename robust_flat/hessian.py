@@ -14,7 +14,8 @@ Pieces:
   weights tau_i = s_i[0]^2 (they sum to 1); the density is the Gaussian-broadened mixture
   ``phi(t) = mean_probes sum_i tau_i N(t; theta_i, sigma^2)``, which integrates to 1 and estimates the eigenvalue
   distribution (1/n) sum_j delta(t - lambda_j).
-* :func:`run_cli` for ``experiments/flatness.py --measure hessian``.
+* :func:`spectrum_summary`: all of them as one resumable computation (the command line,
+  ``python -m experiments.flatness --measure hessian``, is :mod:`experiments.hessian`).
 
 What the paper / code compute (docs/paper-vs-code.md#hessian): the **largest eigenvalue** (and |lambda_min| /
 lambda_max) of the Hessian of the **clean** cross-entropy, model in **eval** mode (BN running statistics), w.r.t.
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import time
 from typing import Any, Callable, Optional
@@ -52,7 +52,7 @@ from robust_flat import xla
 from robust_flat.attacks.common import check_inputs, cross_entropy
 from robust_flat.attacks.pgd import PGDConfig, pgd
 from robust_flat.io import atomic_save_figure
-from robust_flat.models import bind, make_logits_fn
+from robust_flat.models import bind
 
 SEP = "/"  # parameter paths are the Flax module path joined by "/", e.g. "stage1_block0/conv1/kernel"
 
@@ -595,137 +595,7 @@ def spectrum_summary(op: HessianOperator, key: jax.Array, k: int = 4, num_iters:
     return summary, eig, trace, density
 
 
-def cli_arg(args, name: str, default):
-    """``args.name``, or ``default`` when missing or None (argparse namespaces and plain objects alike)."""
-    value = getattr(args, name, None)
-    return default if value is None else value
-
-
-def cli_params(args, loaded_run):
-    """The run's parameters, or its weight-averaged ones with ``args.use_ema`` (error if the run has none)."""
-    if cli_arg(args, "use_ema", False):
-        if getattr(loaded_run, "ema_params", None) is None:
-            raise ValueError("use_ema: this run has no weight-averaged parameters")
-        return loaded_run.ema_params
-    return loaded_run.params
-
-
-def cli_output_name(args, loaded_run, measure: str) -> str:
-    """``args.name``, else ``{measure}_{snapshot}`` like ``experiments/flatness.py`` (``last-ep30``, ``ep12``)."""
-    name = cli_arg(args, "name", None)
-    if name:
-        return str(name)
-    snapshot, epoch = cli_arg(args, "snapshot", None), getattr(loaded_run, "epoch", None)
-    if snapshot is None:
-        return measure if epoch is None else f"{measure}_ep{epoch}"
-    from robust_flat.runs import snapshot_tag
-
-    return f"{measure}_{snapshot_tag(snapshot, epoch)}"
-
-
-def cli_settings(args, loaded_run, params, x, y) -> dict:
-    """What a CLI result depends on besides its own configuration (for :func:`robust_flat.partial.fingerprint`):
-    digests of the weights and the data, the run's epoch/step, ``snapshot``, ``use_ema``."""
-    from robust_flat.partial import array_digest
-
-    return {"params": array_digest(params, getattr(loaded_run, "model_state", None)), "data": array_digest(x, y),
-            "epoch": getattr(loaded_run, "epoch", None), "step": getattr(loaded_run, "step", None),
-            "snapshot": str(cli_arg(args, "snapshot", None)), "use_ema": bool(cli_arg(args, "use_ema", False))}
-
-
-def cli_progress_bar(args, total: int, desc: str, unit: str):
-    """A tqdm bar (disabled with ``args.no_progress``)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=bool(cli_arg(args, "no_progress",
-                                                                                            False)))
-
-
-def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
-    """``experiments/flatness.py --measure hessian``: writes ``NAME.json`` (eigenvalues, trace, density, timing)
-    and ``NAME_density.png`` to ``out_dir``; ``NAME`` = ``args.name`` or ``hessian[_robust]_{snapshot}``.
-
-    ``args`` fields (all optional; strings are converted): ``k`` (4), ``lanczos_iters`` (80), ``seed`` (0),
-    ``batch_size`` (128), ``hessian_loss`` ("clean" or "robust"), ``hessian_reduction`` ("sum": the code's sum of
-    batch-mean Hessians; "mean"), ``hessian_select`` (None: >= 2-dim tensors; "layers"; a regex),
-    ``trace_probes`` (50; 0 = skip), ``density_probes`` (5; 0 = skip), ``eps`` (8/255) and ``pgd_steps`` (20) for
-    the robust loss, ``use_ema`` (False), ``no_progress`` (False), ``fresh`` (False). ``x, y``: the examples
-    (paper/code: the last 500 test images).
-
-    Progress: a bar over Hessian-vector products. Resumption: the adversarial examples (robust loss), the
-    top/bottom-k Lanczos run, each Hutchinson probe and each SLQ probe are saved atomically under
-    ``out_dir/.partial/NAME-<fingerprint>/`` (:class:`robust_flat.partial.PartialResults`; the fingerprint covers
-    every setting above that changes the numbers, the weights and the data) and skipped by a rerun, which gives the
-    same numbers. A finished result with the same fingerprint is returned without recomputation unless ``fresh``.
-    """
-    from robust_flat.io import atomic_write_json
-    from robust_flat.partial import PartialResults, finished_result, fingerprint
-
-    seed = int(cli_arg(args, "seed", 0))
-    params = cli_params(args, loaded_run)
-    config = HessianConfig(
-        loss=cli_arg(args, "hessian_loss", "clean"), select=cli_arg(args, "hessian_select", None),
-        batch_size=int(cli_arg(args, "batch_size", 128)), reduction=cli_arg(args, "hessian_reduction", "sum"),
-        pgd=PGDConfig(eps=float(cli_arg(args, "eps", 8 / 255)), steps=int(cli_arg(args, "pgd_steps", 20))))
-    k, num_iters = int(cli_arg(args, "k", 4)), int(cli_arg(args, "lanczos_iters", 80))
-    trace_probes, density_probes = int(cli_arg(args, "trace_probes", 50)), int(cli_arg(args, "density_probes", 5))
-    x, y = _check_data(x, y)
-    name = cli_output_name(args, loaded_run, "hessian" if config.loss == "clean" else "hessian_robust")
-    path = os.path.join(out_dir, f"{name}.json")
-    fp = fingerprint({"measure": "hessian", "config": dataclasses.asdict(config), "seed": seed, "k": k,
-                      "lanczos_iters": num_iters, "trace_probes": trace_probes, "density_probes": density_probes,
-                      **cli_settings(args, loaded_run, params, x, y)})
-    fresh = bool(cli_arg(args, "fresh", False))
-    previous = None if fresh else finished_result(path, fp)
-    if previous is not None:
-        print(f"{path} is up to date (lambda_max {previous['lambda_max']:.4g}); use --fresh to recompute")
-        return previous
-    partial = PartialResults(out_dir, name, fp, fresh=fresh)
-
-    key_attack, key_spectrum = jax.random.split(jax.random.PRNGKey(seed))
-    logits_fn = make_logits_fn(loaded_run.model, train=False)
-    t0 = time.perf_counter()
-    adversarial = partial.load_array("adversarial_examples", x.shape) if config.loss == "robust" else None
-    if config.loss == "robust" and adversarial is None:
-        print(f"hessian: PGD-{config.pgd.steps} adversarial examples for {len(x)} inputs ...")
-    op = HessianOperator(logits_fn, params, loaded_run.model_state, x, y, config, key=key_attack,
-                         adversarial=adversarial)
-    if config.loss == "robust" and adversarial is None:
-        partial.save_array("adversarial_examples", op.x_used)
-    done = partial.load_all()
-    per_unit = num_matvecs(op.dim, k, num_iters, trace_probes, density_probes)
-    units = ["eigen"] + [f"trace_{i:04d}" for i in range(trace_probes)] + \
-        [f"density_{i:04d}" for i in range(density_probes)]
-    resumed = [u for u in units if u in done]
-    if resumed or adversarial is not None:
-        print(f"hessian: resuming, {len(resumed)}/{len(units)} units already done ({partial.path})")
-    bar = cli_progress_bar(args, sum(per_unit[u.split("_")[0]] for u in units if u not in done),
-                           f"hessian ({config.loss} loss)", "hvp")
-    try:
-        summary, eig, _, density = spectrum_summary(
-            op, key_spectrum, k=k, num_iters=num_iters, trace_probes=trace_probes, density_probes=density_probes,
-            done=done, on_unit=lambda unit, arrays: partial.save(unit, **arrays), progress=bar.update)
-    finally:
-        bar.close()
-    summary.update(
-        loss_kind=config.loss, loss=op.loss(), reduction=config.reduction, batch_size=config.batch_size,
-        num_examples=int(len(op.x_used)), num_batches=op.num_batches, dim=op.dim, parameters=list(op.paths),
-        seed=seed, epoch=getattr(loaded_run, "epoch", None), use_ema=bool(cli_arg(args, "use_ema", False)),
-        num_hvps=op.num_hvps, seconds_per_hvp=op.hvp_seconds / max(op.num_hvps, 1),
-        seconds=time.perf_counter() - t0, fingerprint=fp, resumed_units=resumed)
-    if density is not None:
-        plot_density(density, os.path.join(out_dir, f"{name}_density.png"), eig,
-                     title=f"Hessian of the {config.loss} loss: lambda_max={eig.max:.4g}")
-    atomic_write_json(path, summary, indent=1)
-    partial.remove()
-    print(f"hessian ({config.loss} loss, {op.dim} weights, {len(op.x_used)} examples): lambda_max "
-          f"{eig.max:.4g}, lambda_min {eig.min:.4g}" + (f", trace {summary['trace']:.4g}" if "trace" in summary
-                                                        else "") + f" -> {path}")
-    return summary
-
-
 __all__ = ["HessianConfig", "HessianOperator", "adversarial_examples", "split_params", "merge_params",
            "flatten_params", "resolve_filter", "kernels_filter", "lanczos", "LanczosResult", "extreme_eigenvalues",
            "EigenResult", "hutchinson_trace", "TraceResult", "spectral_density", "DensityResult",
-           "gaussian_density", "plot_density", "num_matvecs", "spectrum_summary", "cli_arg", "cli_params",
-           "cli_output_name", "cli_settings", "cli_progress_bar", "run_cli"]
+           "gaussian_density", "plot_density", "num_matvecs", "spectrum_summary"]

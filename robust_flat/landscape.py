@@ -35,12 +35,12 @@ Paper defaults (:class:`LandscapeConfig`): 51 points in [-1, 1], mean RLoss over
 (pointwise over s) over 10 adversarial directions, one batch of 128 test examples. The code uses the last 100 test
 images; ``x`` is always used as one batch, the caller picks it. The PGD at each point defaults to PGD-20
 (eps 8/255, step 0.007, one restart: the paper's RLoss attack); the code's visualization uses PGD-10.
+
+The command line, ``python -m experiments.flatness --measure landscape``, is :mod:`experiments.landscape`.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -52,9 +52,8 @@ from robust_flat import hessian as H
 from robust_flat import xla
 from robust_flat.attacks.common import check_inputs, cross_entropy
 from robust_flat.attacks.pgd import PGDConfig, pgd
-from robust_flat.io import atomic_save_figure, atomic_save_npz, atomic_write_json
-from robust_flat.models import bind, make_logits_fn
-from robust_flat.partial import PartialResults, finished_result, fingerprint
+from robust_flat.io import atomic_save_figure
+from robust_flat.models import bind
 from robust_flat.weights import (LayerSelection, Neighbourhood, WeightAttackConfig, normalize, selection_mask,
                                  weight_attack)
 
@@ -468,143 +467,6 @@ def plot_surface(surface: dict, path: str, metric: str = "robust_loss", title: s
         plt.close(fig)
 
 
-# -------------------------------------------------------------------------------------------------------- CLI
-def config_from_args(args) -> LandscapeConfig:
-    """A :class:`LandscapeConfig` from CLI attributes (see :func:`run_cli`); strings are converted."""
-    arg = H.cli_arg
-    base = LandscapeConfig()
-    eps = float(arg(args, "eps", base.pgd.eps))
-    granularity = arg(args, "granularity", "layer")  # experiments/flatness.py's --granularity, if no normalization
-    return LandscapeConfig(
-        steps=int(arg(args, "steps", base.steps)), span=float(arg(args, "span", base.span)),
-        surface_steps=int(arg(args, "surface_steps", base.surface_steps)),
-        num_directions=int(arg(args, "num_directions", arg(args, "samples", base.num_directions))),
-        normalization=arg(args, "normalization", granularity if granularity in NORMALIZATIONS else "layer"),
-        random_scale=float(arg(args, "random_scale", base.random_scale)),
-        adversarial_scale=float(arg(args, "adversarial_scale", base.adversarial_scale)),
-        hessian_scale=float(arg(args, "hessian_scale", base.hessian_scale)),
-        pgd=PGDConfig(eps=eps, steps=int(arg(args, "pgd_steps", base.pgd.steps))),
-        direction_pgd=PGDConfig(eps=eps, steps=int(arg(args, "direction_pgd_steps", base.direction_pgd.steps))),
-        adversarial_xi=float(arg(args, "adversarial_xi", base.adversarial_xi)),
-        adversarial_lr=float(arg(args, "adversarial_lr", base.adversarial_lr)),
-        adversarial_steps=int(arg(args, "adversarial_steps", base.adversarial_steps)),
-        hessian_iters=int(arg(args, "lanczos_iters", base.hessian_iters)))
-
-
-def _unit_arrays(values: dict) -> dict:
-    return {k: np.asarray(v, np.float64) for k, v in values.items()}
-
-
-def run_cli(args, loaded_run, x, y, out_dir: str) -> dict:
-    """``experiments/flatness.py --measure landscape``: writes ``NAME.json`` and ``NAME.png`` to ``out_dir`` and,
-    with ``args.surface`` (two kinds, e.g. ``"random,random"`` or ``"random,adversarial"``), ``NAME_surface.json``,
-    ``NAME_surface.npz`` and ``NAME_surface.png``; ``NAME`` = ``args.name`` or ``landscape_{snapshot}``.
-
-    ``args`` fields (all optional; strings are converted): ``directions`` ("random,adversarial"; also "hessian"),
-    ``num_directions`` (else ``samples``, else 10), ``steps`` (51), ``span`` (1), ``normalization`` (else
-    ``granularity`` if layer/filter, else "layer"; "layer_max" = the code), ``random_scale`` (0.5),
-    ``adversarial_scale`` (0.025), ``hessian_scale`` (0.5), ``pgd_steps`` (20), ``eps`` (8/255), ``num_examples``
-    (128: the first 128 of ``x``; the driver's default subset is the code's last 100 test images),
-    ``surface`` (None), ``surface_steps`` (21), ``adversarial_xi``/``adversarial_lr``/``adversarial_steps``/
-    ``direction_pgd_steps`` (0.005/0.01/7/10), ``lanczos_iters`` (40), ``seed`` (0), ``use_ema`` (False),
-    ``no_progress`` (False), ``fresh`` (False).
-
-    Progress: one bar over all points (each a PGD attack plus two loss evaluations). Resumption: each finished
-    curve (one direction) and each finished row of the surface is saved atomically under
-    ``out_dir/.partial/NAME-<fingerprint>/`` and ``NAME_surface-<fingerprint>/``
-    (:class:`robust_flat.partial.PartialResults`; the fingerprints cover every setting that changes the numbers,
-    the weights and the data; the 1D one does not depend on the surface settings and vice versa) and skipped by a
-    rerun, which gives the same numbers. A finished result with the same fingerprints is returned without
-    recomputation unless ``fresh``.
-    """
-    arg = H.cli_arg
-    config = config_from_args(args)
-    seed = int(arg(args, "seed", 0))
-    n = int(arg(args, "num_examples", 128))
-    x, y = np.asarray(x, np.float32)[:n], np.asarray(y, np.int32)[:n]
-    params = H.cli_params(args, loaded_run)
-    name = H.cli_output_name(args, loaded_run, "landscape")
-    kinds = arg(args, "directions", "random,adversarial")
-    kinds = [k.strip() for k in kinds.split(",")] if isinstance(kinds, str) else list(kinds)
-    surface = arg(args, "surface", None)
-    names = [k.strip() for k in str(surface).split(",")] if surface else None
-    if names is not None and len(names) != 2:
-        raise ValueError(f"surface needs two direction kinds like 'random,random', got {surface!r}")
-    for kind in kinds + (names or []):
-        if kind not in KINDS:
-            raise ValueError(f"unknown direction kind {kind!r}; choose one of {', '.join(KINDS)}")
-    fresh = bool(arg(args, "fresh", False))
-    settings = {"measure": "landscape", "config": dataclasses.asdict(config), "seed": seed,
-                **H.cli_settings(args, loaded_run, params, x, y)}
-    cfg_1d = {k: v for k, v in settings["config"].items() if k != "surface_steps"}
-    fp_1d = fingerprint({**settings, "config": cfg_1d, "directions": kinds})
-    fp_2d = fingerprint({**settings, "config": {k: v for k, v in settings["config"].items()
-                                                if k not in ("steps", "num_directions")}, "surface": names})
-    path = os.path.join(out_dir, f"{name}.json")
-    surf_path = os.path.join(out_dir, f"{name}_surface.json")
-    if not fresh:
-        previous = finished_result(path, fp_1d)
-        if previous is not None and (names is None or finished_result(surf_path, fp_2d) is not None):
-            print(f"{path} is up to date; use --fresh to recompute")
-            return previous
-    part_1d = PartialResults(out_dir, name, fp_1d, fresh=fresh)
-    part_2d = PartialResults(out_dir, f"{name}_surface", fp_2d, fresh=fresh) if names else None
-
-    points = num_points(config, kinds)
-    done = {u: v for u, v in part_1d.load_all().items() if u in points}
-    rows = {}
-    if part_2d is not None:
-        for i in range(config.surface_steps):
-            row = part_2d.load(f"row_{i:03d}")
-            if row is not None and all(row[m].shape == (config.surface_steps,) for m in METRICS):
-                rows[i] = row
-    todo = sum(p for u, p in points.items() if u != "surface_row" and u not in done)
-    if part_2d is not None:
-        todo += points["surface_row"] * (config.surface_steps - len(rows))
-    if done or rows:
-        print(f"landscape: resuming, {len(done)} curves/points and {len(rows)} surface rows already done "
-              f"({part_1d.path})")
-    logits_fn = make_logits_fn(loaded_run.model, train=False)
-    key_1d, key_2d = jax.random.split(jax.random.PRNGKey(seed))
-    bar = H.cli_progress_bar(args, todo, "landscape", "point")
-    try:
-        t0 = time.perf_counter()
-        result = landscape_1d(logits_fn, params, loaded_run.model_state, x, y, key_1d, config, kinds, done=done,
-                              on_unit=lambda unit, v: part_1d.save(unit, **_unit_arrays(v)), progress=bar.update)
-        result.update(config=dataclasses.asdict(config), seed=seed, epoch=getattr(loaded_run, "epoch", None),
-                      use_ema=bool(arg(args, "use_ema", False)), seconds=time.perf_counter() - t0,
-                      fingerprint=fp_1d, resumed_units=sorted(done))
-        if names is not None:
-            k_pgd, k1, k2 = jax.random.split(key_2d, 3)
-            lazy = [lambda kind=kind, k=k: Directions(kind, logits_fn, params, loaded_run.model_state, x, y, k,
-                                                      config, 1)[0] for kind, k in zip(names, (k1, k2))]
-            t0 = time.perf_counter()
-            surf = loss_surface(logits_fn, params, loaded_run.model_state, x, y, lazy[0], lazy[1], k_pgd, config,
-                                done_rows=rows, progress=bar.update,
-                                on_row=lambda i, row: part_2d.save(f"row_{i:03d}", **_unit_arrays(row)))
-    finally:
-        bar.close()
-    if names is not None:
-        surf.update(label_a=f"a ({names[0]})", label_b=f"b ({names[1]})", seconds=time.perf_counter() - t0,
-                    fingerprint=fp_2d, resumed_rows=sorted(rows))
-        atomic_save_npz(os.path.join(out_dir, f"{name}_surface.npz"),
-                        **{k: np.asarray(v) for k, v in surf.items() if k in ("a", "b") + METRICS})
-        plot_surface(surf, os.path.join(out_dir, f"{name}_surface.png"),
-                     title=f"robust loss, epoch {result['epoch']}")
-        atomic_write_json(surf_path, surf)
-        result["surface"] = {"file": f"{name}_surface.json", "directions": names, "fingerprint": fp_2d}
-    plot_1d(result, os.path.join(out_dir, f"{name}.png"), title=f"epoch {result['epoch']}")
-    atomic_write_json(path, result, indent=1, default=str)
-    part_1d.remove()
-    if part_2d is not None:
-        part_2d.remove()
-    at_end = {k: r["aggregate"]["robust_loss"][-1] for k, r in result["kinds"].items()}
-    print(f"landscape ({len(x)} examples): unperturbed RLoss {result['unperturbed']['robust_loss']:.4f}, at s=+"
-          f"{config.span:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in at_end.items()) + f" -> {path}")
-    return result
-
-
 __all__ = ["LandscapeConfig", "normalize_direction", "random_direction", "adversarial_directions",
            "hessian_direction", "global_norm", "evaluate_at", "loss_curve", "loss_surface", "Directions",
-           "make_directions", "num_points", "curve_unit", "landscape_1d", "plot_1d", "plot_surface",
-           "config_from_args", "run_cli"]
+           "make_directions", "num_points", "curve_unit", "landscape_1d", "plot_1d", "plot_surface"]

@@ -132,6 +132,30 @@ def test_evaluate_and_flatness_bad_run_dirs_and_flags_are_one_line(tmp_path, cap
     assert not (damaged / "evaluations").exists() and not (damaged / "flatness").exists()
 
 
+# ------------------------------------------------------------------ issue 17 move 1: one typed parser per measure
+def test_flatness_refuses_misspelt_options_and_options_of_another_measure(tmp_path, capsys):
+    from experiments import cli, flatness
+
+    missing = str(tmp_path / "missing")
+
+    def fl(*argv):
+        return _one_line_error(capsys, lambda: cli.run_cli(flatness.main, ["--run-dir", missing, *argv]))
+
+    assert "unrecognized arguments: --lanczos-iter 10" in fl("--measure", "hessian", "--lanczos-iter", "10")
+    assert "--num-directions is not an option of --measure hessian" in fl("--measure", "hessian",
+                                                                           "--num-directions", "3")
+    assert "--k is not an option of --measure avg" in fl("--measure", "avg", "--k", "4")
+    assert "--distribution is not an option of --measure worst" in fl("--measure", "worst", "--distribution", "ball")
+    assert "use --num-directions" in fl("--measure", "landscape", "--samples", "3")
+    assert "unknown direction kind 'foo'" in fl("--measure", "landscape", "--directions", "random,foo")
+    assert "--k and --lanczos-iters must be >= 1" in fl("--measure", "hessian", "--k", "0")
+    assert not os.path.exists(missing)  # refused before the run is looked at
+    text = " ".join(flatness.build_parser().format_help().split())  # every option of every measure, with its default
+    for shown in ("--k K extreme eigenvalues at each end of the spectrum (default: 4)", "--steps STEPS",
+                  "--hessian-select", "--surface-steps", "--attack-iters", "--xi XI", "(default: 80 for hessian"):
+        assert shown in text
+
+
 # ------------------------------------------------------------------ item 15: --n-target-classes
 def test_evaluate_refuses_more_target_classes_than_the_model_has_before_running(tmp_path, capsys):
     from experiments import cli, evaluate

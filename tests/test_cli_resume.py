@@ -1,5 +1,5 @@
-"""The Hessian and landscape CLIs resume interrupted runs: finished units are not recomputed and the final result
-equals an uninterrupted run's (the uninterrupted runs go through ``experiments.flatness``)."""
+"""The Hessian and landscape CLIs (``experiments.flatness --measure hessian|landscape``) resume interrupted runs:
+finished units are not recomputed and the final result equals an uninterrupted run's."""
 import json
 import os
 import types
@@ -58,16 +58,20 @@ def _partials(out):
     return sorted(os.listdir(os.path.join(out, ".partial"))) if os.path.isdir(os.path.join(out, ".partial")) else []
 
 
+HESSIAN = ("--measure", "hessian", "--k", "2", "--lanczos-iters", "8", "--trace-probes", "3", "--density-probes", "2",
+           "--batch-size", "16", "--hessian-loss", "robust", "--pgd-steps", "1")
+LANDSCAPE = ("--measure", "landscape", "--directions", "random", "--num-directions", "2", "--steps", "3",
+             "--pgd-steps", "1", "--surface", "random,random", "--surface-steps", "3")
+
+
 def test_hessian_cli_resumes_without_recomputing(run, tmp_path, monkeypatch):
     x, y = make_data(24, seed=5)
-    args = types.SimpleNamespace(snapshot="last", k=2, lanczos_iters=8, trace_probes=3, density_probes=2,
-                                 batch_size=16, hessian_loss="robust", pgd_steps=1, no_progress=True)
-    out = str(tmp_path / "resumed")
+    out = str(tmp_path / "resumed" / "flatness")
     hvps = _count(monkeypatch, H.HessianOperator, "__call__")
     attacks = _count(monkeypatch, H, "adversarial_examples")
     saved = _interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        H.run_cli(args, run, x, y, out)
+        _main(tmp_path / "resumed", run, x, y, *HESSIAN)
     assert saved == ["eigen", "trace_0000"] and len(hvps) == 8 + 1 and len(attacks) == 1
     (part,) = _partials(out)
     assert part.startswith("hessian_robust_last-ep3-")
@@ -77,21 +81,19 @@ def test_hessian_cli_resumes_without_recomputing(run, tmp_path, monkeypatch):
     monkeypatch.undo()
     hvps = _count(monkeypatch, H.HessianOperator, "__call__")
     attacks = _count(monkeypatch, H, "adversarial_examples")
-    resumed = H.run_cli(args, run, x, y, out)
+    resumed = _main(tmp_path / "resumed", run, x, y, *HESSIAN)
     assert len(hvps) == 2 + 2 * 8 and resumed["num_hvps"] == 18 and attacks == []  # nothing done twice
     assert resumed["resumed_units"] == ["eigen", "trace_0000"] and _partials(out) == []
     assert json.loads(open(os.path.join(out, "hessian_robust_last-ep3.json")).read())["lambda_max"] == \
         resumed["lambda_max"]
     assert os.path.getsize(os.path.join(out, "hessian_robust_last-ep3_density.png")) > 1000
 
-    again = H.run_cli(args, run, x, y, out)  # finished: read back, not recomputed
+    again = _main(tmp_path / "resumed", run, x, y, *HESSIAN)  # finished: read back, not recomputed
     assert again["fingerprint"] == resumed["fingerprint"] and len(hvps) == 18
 
-    full = _main(tmp_path / "full", run, x, y, "--measure", "hessian", "--k", "2", "--lanczos-iters", "8",
-                 "--trace-probes", "3", "--density-probes", "2", "--batch-size", "16", "--hessian-loss", "robust",
-                 "--pgd-steps", "1")
+    full = _main(tmp_path / "full", run, x, y, *HESSIAN)
     assert full["num_hvps"] == 8 + 3 + 2 * 8 and full["resumed_units"] == []
-    assert full["fingerprint"] == resumed["fingerprint"]  # the same settings, through the flatness driver
+    assert full["fingerprint"] == resumed["fingerprint"]  # the same settings, uninterrupted
     timing = ("seconds", "num_hvps", "seconds_per_hvp", "resumed_units")
     assert {k: v for k, v in full.items() if k not in timing} == {k: v for k, v in resumed.items()
                                                                   if k not in timing}
@@ -99,13 +101,11 @@ def test_hessian_cli_resumes_without_recomputing(run, tmp_path, monkeypatch):
 
 def test_landscape_cli_resumes_curves_and_surface_rows(run, tmp_path, monkeypatch):
     x, y = make_data(8, seed=6)
-    args = types.SimpleNamespace(snapshot="last", directions="random", num_directions=2, steps=3, pgd_steps=1,
-                                 surface="random,random", surface_steps=3, no_progress=True)
-    out = str(tmp_path / "resumed")
+    out = str(tmp_path / "resumed" / "flatness")
     points = _count(monkeypatch, L, "_eval")
     saved = _interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        L.run_cli(args, run, x, y, out)
+        _main(tmp_path / "resumed", run, x, y, *LANDSCAPE)
     assert saved == ["unperturbed", "random_000"] and len(points) == 1 + 3
     monkeypatch.undo()
 
@@ -113,7 +113,7 @@ def test_landscape_cli_resumes_curves_and_surface_rows(run, tmp_path, monkeypatc
     points = _count(monkeypatch, L, "_eval")
     saved = _interrupt_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
-        L.run_cli(types.SimpleNamespace(**{**vars(args), "span": 0.5}), run, x, y, out)
+        _main(tmp_path / "resumed", run, x, y, *LANDSCAPE, "--span", "0.5")
     assert saved == ["unperturbed"] and len(points) == 1
     assert len([p for p in _partials(out) if not p.startswith("landscape_last-ep3_surface")]) == 2
     monkeypatch.undo()
@@ -121,12 +121,12 @@ def test_landscape_cli_resumes_curves_and_surface_rows(run, tmp_path, monkeypatc
     points = _count(monkeypatch, L, "_eval")
     saved = _interrupt_after(monkeypatch, 2)  # the second curve, then the first row of the surface
     with pytest.raises(KeyboardInterrupt):
-        L.run_cli(args, run, x, y, out)
+        _main(tmp_path / "resumed", run, x, y, *LANDSCAPE)
     assert saved == ["random_001", "row_000"] and len(points) == 3 + 3
     monkeypatch.undo()
 
     points = _count(monkeypatch, L, "_eval")
-    resumed = L.run_cli(args, run, x, y, out)
+    resumed = _main(tmp_path / "resumed", run, x, y, *LANDSCAPE)
     assert len(points) == 2 * 3  # the two missing rows only
     assert resumed["resumed_units"] == ["random_000", "random_001", "unperturbed"]
     surf = json.loads(open(os.path.join(out, "landscape_last-ep3_surface.json")).read())
@@ -136,9 +136,7 @@ def test_landscape_cli_resumes_curves_and_surface_rows(run, tmp_path, monkeypatc
     left = _partials(out)  # only the abandoned span=0.5 run's directories
     assert len(left) == 2 and not any(p.endswith(resumed["fingerprint"]) for p in left)
 
-    full = _main(tmp_path / "full", run, x, y, "--measure", "landscape", "--directions", "random",
-                 "--num-directions", "2", "--steps", "3", "--pgd-steps", "1", "--surface", "random,random",
-                 "--surface-steps", "3")
+    full = _main(tmp_path / "full", run, x, y, *LANDSCAPE)
     assert len(points) == 2 * 3 + 1 + 2 * 3 + 9
     assert full["fingerprint"] == resumed["fingerprint"]
     for key in ("s", "unperturbed", "kinds", "num_examples"):

@@ -296,5 +296,3 @@ def test_cli_resumes_an_interrupted_run_with_identical_numbers(setup, tmp_path, 
     assert fresh["flatness"] == pytest.approx(resumed["flatness"], rel=1e-6)
     again = cli.main(argv, **hooks)  # finished: not recomputed
     assert again["flatness"] == resumed["flatness"] and calls == [0, 1, 2, 0, 1, 2]
-    with pytest.raises(SystemExit):
-        cli._dispatch("no_such_measure_module", None, loaded, x, y, str(tmp_path))

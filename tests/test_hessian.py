@@ -58,7 +58,7 @@ def test_hvp_equals_explicit_hessian_times_vector(tiny):
                            H.HessianConfig(batch_size=16, reduction="mean"))
     assert op.num_batches == 3
     np.testing.assert_allclose(np.asarray(op(v)), expected, atol=1e-5 * scale)
-    # (The code's "sum" reduction is checked in test_run_cli_writes_json_and_png.)
+    # (The code's "sum" reduction is checked in test_cli_writes_json_and_png.)
 
 
 def test_hvp_on_a_parameter_subset_is_the_hessian_block(tiny):
@@ -178,14 +178,19 @@ def test_bad_inputs_raise(tiny):
         H.HessianOperator(tiny.f, tiny.params, tiny.state, tiny.x, tiny.y[:3])
 
 
-def test_run_cli_writes_json_and_png(tiny, tmp_path):
+def test_cli_writes_json_and_png(tiny, tmp_path):
+    from experiments import flatness
+
     run = types.SimpleNamespace(model=tiny.model, params=tiny.params, model_state=tiny.state, ema_params=None,
-                                epoch=3)
-    args = types.SimpleNamespace(k=2, lanczos_iters=30, seed=0, batch_size=16, trace_probes=5, density_probes=2)
+                                epoch=3, step=30, config=None)
     x, y = tiny.x[:32], tiny.y[:32]
-    summary = H.run_cli(args, run, x, y, str(tmp_path))
-    saved = json.loads((tmp_path / "hessian_ep3.json").read_text())
-    assert (tmp_path / "hessian_ep3_density.png").stat().st_size > 1000
+    summary = flatness.main(["--run-dir", str(tmp_path), "--snapshot", "3", "--measure", "hessian", "--k", "2",
+                             "--lanczos-iters", "30", "--batch-size", "16", "--trace-probes", "5",
+                             "--density-probes", "2", "--no-progress"],
+                            load_run=lambda run_dir, snapshot: run, load_eval_set=lambda cfg, subset, data_dir: (x, y))
+    out = tmp_path / "flatness"
+    saved = json.loads((out / "hessian_ep3.json").read_text())
+    assert (out / "hessian_ep3_density.png").stat().st_size > 1000
     assert saved["lambda_max"] == pytest.approx(summary["lambda_max"])
     assert saved["num_batches"] == 2 and saved["dim"] == 514 and len(saved["top_eigenvalues"]) == 2
     assert len(saved["density"]["grid"]) == len(saved["density"]["density"])

@@ -128,24 +128,30 @@ def test_landscape_1d_aggregates_and_adversarial_directions_ascend(tiny):
     np.testing.assert_allclose(res["kinds"]["adversarial"]["direction_norms"], 0.025 * w_norm, rtol=1e-4)
 
 
-def test_run_cli_writes_json_npz_and_png(tiny, tmp_path):
+def test_cli_writes_json_npz_and_png(tiny, tmp_path):
+    from experiments import flatness, landscape
+
+    assert landscape.KINDS == L.KINDS and landscape.NORMALIZATIONS == L.NORMALIZATIONS  # the parser's choices
     run = types.SimpleNamespace(model=tiny.model, params=tiny.params, model_state=tiny.state, ema_params=None,
-                                epoch=7)
-    args = types.SimpleNamespace(directions="random,hessian", num_directions=2, steps=5, pgd_steps=1, seed=0,
-                                 num_examples=16, surface="random,random", surface_steps=3, lanczos_iters=20)
-    x = np.concatenate([tiny.x, tiny.x[:4]])  # 20 examples; the CLI uses the first num_examples
+                                epoch=7, step=70, config=None)
+    x = np.concatenate([tiny.x, tiny.x[:4]])  # 20 examples; the CLI uses the first --n-examples
     y = np.concatenate([tiny.y, tiny.y[:4]])
-    result = L.run_cli(args, run, x, y, str(tmp_path))
-    saved = json.loads((tmp_path / "landscape_ep7.json").read_text())
+    result = flatness.main(["--run-dir", str(tmp_path), "--snapshot", "7", "--measure", "landscape", "--directions",
+                            "random,hessian", "--num-directions", "2", "--steps", "5", "--pgd-steps", "1",
+                            "--n-examples", "16", "--surface", "random,random", "--surface-steps", "3",
+                            "--lanczos-iters", "20", "--no-progress"],
+                           load_run=lambda run_dir, snapshot: run, load_eval_set=lambda cfg, subset, data_dir: (x, y))
+    out = tmp_path / "flatness"
+    saved = json.loads((out / "landscape_ep7.json").read_text())
     assert saved["num_examples"] == 16 and saved["epoch"] == 7 and set(saved["kinds"]) == {"random", "hessian"}
     assert saved["kinds"]["hessian"]["lambda_max"] > 0 and len(saved["kinds"]["hessian"]["curves"]) == 1
     assert saved["kinds"]["random"]["aggregate"]["robust_loss"] == pytest.approx(
         result["kinds"]["random"]["aggregate"]["robust_loss"])
-    surf = np.load(tmp_path / "landscape_ep7_surface.npz")
+    surf = np.load(out / "landscape_ep7_surface.npz")
     assert surf["robust_loss"].shape == (3, 3)
     assert np.isfinite(surf["robust_loss"]).all() and np.ptp(surf["clean_loss"]) > 0
     for name in ("landscape_ep7.png", "landscape_ep7_surface.png"):
-        assert (tmp_path / name).stat().st_size > 1000
+        assert (out / name).stat().st_size > 1000
 
 
 def test_bad_config_raises():
