@@ -226,7 +226,7 @@ def _read_flatness(run_dir: str, rows: dict[int, dict], settings: dict, skipped:
         if not isinstance(d, dict):
             skipped.append(f"{name}: not a JSON object")
             continue
-        if "kinds" in d and "s" in d:  # robust_flat.landscape.run_cli
+        if "kinds" in d and "s" in d:  # experiments/landscape.py (flatness --measure landscape)
             if _number(d.get("epoch")) is not None:
                 landscapes.append({"epoch": int(d["epoch"]), "file": name, "s": d["s"], "kinds": d["kinds"],
                                    "num_examples": d.get("num_examples"), "config": d.get("config") or {}})
