@@ -19,12 +19,6 @@ from robust_flat.xla import CompileCounter
 from flatness_toy import make_data, random_params, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _every_program_compiles(no_persistent_cache):
-    """Compiles are what these tests count: no test here takes programs from the session's compilation cache."""
-    yield
-
-
 @pytest.fixture
 def compiles():
     with CompileCounter() as counter:
