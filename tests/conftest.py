@@ -18,9 +18,14 @@ program in the cache). The benchmark test's subprocess does not get the cache: i
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
+import subprocess
 import sys
 import tempfile
+import warnings
+
+import pytest
 
 
 _ENV = "JAX_COMPILATION_CACHE_DIR"
@@ -54,3 +59,39 @@ def pytest_unconfigure(config):
         shutil.rmtree(path, ignore_errors=True)
         if os.environ.get(_ENV) == path:
             del os.environ[_ENV]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def run_module(capfd, monkeypatch):
+    """``run_module("experiments.X", *args)``: ``python -m experiments.X ARGS`` run in this process instead of a new
+    interpreter (which pays 5-10 s of imports and start-up on a busy 2-core machine): the module's code is executed
+    as ``__main__`` (``runpy``, so its ``if __name__ == "__main__":`` block and error handling run) with ``sys.argv``
+    set, in the repository root. Returns a ``subprocess.CompletedProcess`` with the exit status (``SystemExit``'s,
+    as the interpreter sets it: None 0, a message 1 after printing it to stderr) and the captured stdout/stderr. An
+    exception that escapes the module propagates (a subprocess would print its traceback and exit 1).
+
+    Each entry point keeps at least one test that runs it as a real process."""
+
+    def run(module: str, *args: str) -> subprocess.CompletedProcess:
+        argv = [module, *map(str, args)]
+        monkeypatch.chdir(ROOT)
+        monkeypatch.setattr(sys, "argv", argv)
+        capfd.readouterr()
+        code = 0
+        try:
+            with warnings.catch_warnings():  # the module was imported before (by this test or an earlier one)
+                warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(argv, code, out, err)
+
+    return run

@@ -352,7 +352,7 @@ def test_no_flatness_yet_is_not_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_run", "bad_json", "no_results", "bad_metrics"])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case, run_module):
     target = tmp_path / "x"
     if case == "not_a_run":
         target.mkdir()
@@ -369,7 +369,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
         with open(tmp_path / "g" / "a" / "metrics.jsonl", "a") as f:
             f.write("garbage\n" + json.dumps({"epoch": 11}) + "\n")
         target = tmp_path / "g"
-    proc = run_cli(str(target), "--out", str(tmp_path / "out"))
+    args = (str(target), "--out", str(tmp_path / "out"))
+    # one case as a process; the others run the same __main__ code in this process (no interpreter start-up)
+    proc = run_cli(*args) if case == "missing" else run_module("experiments.correlate", *args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr

@@ -155,13 +155,17 @@ def test_safe_path_never_names_outside_paths(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "no_results"])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case, run_module):
     target = tmp_path / "x"
     if case == "no_results":
         os.makedirs(target / "run")
         (target / "run" / "config.json").write_text('{"method": "pgd_at"}')
-    proc = subprocess.run([sys.executable, "-m", "experiments.report", str(target), "--out", str(tmp_path / "o")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    args = [str(target), "--out", str(tmp_path / "o")]
+    if case == "missing":  # as a process
+        proc = subprocess.run([sys.executable, "-m", "experiments.report", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+    else:  # the same __main__ code in this process (no interpreter start-up)
+        proc = run_module("experiments.report", *args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr

@@ -47,14 +47,12 @@ def test_values_file_and_skip_when_done(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("extra,msg", [(["--snapshot", "latest"], "--snapshot must be"), (["--eps", "0"], "eps"),
                                        (["--restarts", "0"], "must be >= 1")])
-def test_bad_arguments_are_one_line(tmp_path, extra, msg):
-    proc = subprocess.run([sys.executable, "-m", "experiments.robust_loss", "--run-dir", str(tmp_path), *extra],
-                          capture_output=True, text=True, timeout=120,
-                          cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+def test_bad_arguments_are_one_line(tmp_path, extra, msg, run_module):
+    proc = run_module("experiments.robust_loss", "--run-dir", str(tmp_path), *extra)  # in-process: the CLI's code
     assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_missing_run_is_one_line(tmp_path):
+def test_missing_run_is_one_line(tmp_path):  # as a process
     proc = subprocess.run([sys.executable, "-m", "experiments.robust_loss", "--run-dir", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=120,
                           cwd=str(__import__("pathlib").Path(__file__).parents[1]))
