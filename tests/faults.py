@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         if kills >= args.kills:  # finish the chain
             status, how = _run(run_dir), "finish"
         elif rng.random() < 0.5:
-            delay = rng.uniform(0, t_ref)
+            delay = rng.uniform(0, 0.7 * t_ref)  # a resumed run is shorter than the whole run
             status, how = _run(run_dir, kill_after=delay), f"SIGKILL after {delay:.1f} s"
         else:
             k, ms = rng.randrange(8), rng.uniform(1, 40)
