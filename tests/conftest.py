@@ -1,4 +1,6 @@
-"""Test session setup: one persistent XLA compilation cache for the whole session.
+"""Test session setup: one persistent XLA compilation cache for the whole session, the longest test files handed
+out to the xdist workers first (``LONGEST_FIRST``), and the ``run_module`` fixture (an entry point's
+``python -m`` run in-process).
 
 Most of the suite's time is XLA:CPU compiling small programs, and many programs are compiled more than once: by
 both xdist workers (the toy models' training steps), by subprocesses that run an entry point on the same tiny config
@@ -44,6 +46,7 @@ def _apply_to_loaded_jax() -> None:
 
 
 def pytest_configure(config):
+    _hand_out_files_in_collection_order(config)
     if os.environ.get("ROBUST_FLAT_TEST_COMPILATION_CACHE", "1") in ("0", "false", "False", ""):
         return
     if not hasattr(config, "workerinput") and not os.environ.get(_ENV):  # the controller (or a run without xdist)
@@ -52,6 +55,31 @@ def pytest_configure(config):
         os.environ[_ENV] = path
         os.environ.setdefault(_MIN_TIME_ENV, "0")
     _apply_to_loaded_jax()
+
+
+# The test files that take longest (measured on the 2-core CI machine's kind, slowest first). With ``-n 2 --dist
+# loadfile`` a file runs on one worker; xdist hands out files in collection order, which it reorders by number of
+# tests (``--loadscope-reorder``, its default), so the few-test but long files (the notebook, 2-process training,
+# the benchmark driver) were handed out last and one worker kept running them while the other had finished (1-4
+# minutes of one idle worker here). Handing out the longest files first (then the rest in file order) balances the
+# workers. Only the order changes: a stale entry makes no test fail.
+# test_checkpoint_faults and test_compiles train the preset test_training trains, and come after it: started while
+# test_training still compiles, they would compile the same programs instead of reading them from the cache.
+LONGEST_FIRST = ("test_training.py", "test_torch_import.py", "test_methods.py", "test_checkpoint_faults.py",
+                 "test_compiles.py", "test_notebook.py", "test_distributed.py", "test_flatness.py", "test_weights.py",
+                 "test_pgd.py", "test_hessian.py", "test_models.py", "test_apgd.py", "test_autoattack.py",
+                 "test_landscape.py", "test_robust_loss.py", "test_benchmarks.py", "test_small_cnn_learns.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
+
+
+def _hand_out_files_in_collection_order(config) -> None:
+    if getattr(config.option, "loadscopereorder", None):  # pytest-xdist's scheduler runs in the controller
+        config.option.loadscopereorder = False
 
 
 def pytest_unconfigure(config):
