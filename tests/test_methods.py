@@ -138,7 +138,8 @@ def test_awp_update_is_the_clipped_gradient_at_the_normalized_weight_ascent_step
     on kernels only, update = -clip(grad of the loss at (w + nu, x'), 0.05) with SGD(lr=1)."""
     apply_fn, params, model_state, batch = _setup(norm="none")
     params = jax.tree_util.tree_map_with_path(  # non-zero biases: a perturbation of them would show
-        lambda path, v: 0.1 * jnp.cos(jnp.arange(v.size, dtype=v.dtype)) if path[-1].key == "bias" else v, params)
+        lambda path, v: jnp.asarray(0.1 * np.cos(np.arange(v.size, dtype=np.float32))) if path[-1].key == "bias"
+        else v, params)
     xi, clip = 0.05, 0.05
     state = create_train_state(params, model_state, optax.sgd(1.0), jax.random.PRNGKey(0))
     new_state, metrics = _awp_step(apply_fn, xi, clip)(state, batch, jax.random.PRNGKey(5))
@@ -155,14 +156,16 @@ def test_awp_update_is_the_clipped_gradient_at_the_normalized_weight_ascent_step
         logits = apply_fn(p, model_state, x_adv, train=False)[0]
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    g = grad_at(params)
+    # the by-hand part in NumPy (eager jnp ops here compiled one program per op and leaf shape)
+    g = jax.tree.map(np.asarray, grad_at(params))
+    w = jax.tree.map(np.asarray, params)
     nu = {}
     for layer, leaves in g.items():  # conv1..4, fc1, logits: {kernel, bias}
-        nu[layer] = {"kernel": xi * jnp.linalg.norm(params[layer]["kernel"]) * leaves["kernel"]
-                     / jnp.linalg.norm(leaves["kernel"]), "bias": jnp.zeros_like(leaves["bias"])}
-    g_at = grad_at(jax.tree.map(jnp.add, params, nu))
-    assert any(float(jnp.max(jnp.abs(gg))) > clip for gg in jax.tree.leaves(g_at))  # the clipping is active
-    expected = jax.tree.map(lambda p, gg: p - jnp.clip(gg, -clip, clip), params, g_at)
+        nu[layer] = {"kernel": xi * np.linalg.norm(w[layer]["kernel"]) * leaves["kernel"]
+                     / np.linalg.norm(leaves["kernel"]), "bias": np.zeros_like(leaves["bias"])}
+    g_at = jax.tree.map(np.asarray, grad_at(jax.tree.map(np.add, w, nu)))
+    assert any(np.abs(gg).max() > clip for gg in jax.tree.leaves(g_at))  # the clipping is active
+    expected = jax.tree.map(lambda p, gg: p - np.clip(gg, -clip, clip), w, g_at)
     for path, got in jax.tree_util.tree_flatten_with_path(new_state.params)[0]:
         want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])[path]
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-6, err_msg=str(path))
