@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
         pixel_scale=255.0,   # declared range of float images in .npz files: 255.0 or 1.0
         train_examples=0,    # 0: all; N: the first N training images
         augment=True,        # random crop (pad 4) + horizontal flip
+        label_noise=0.0,     # share tau of training labels redrawn once, fixed per example (paper: 0.1 ... 0.5)
         synthetic_train=2560, synthetic_test=1024,
     ))
 
