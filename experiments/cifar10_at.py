@@ -52,6 +52,8 @@ _RUN_DIR = flags.DEFINE_string("run-dir", None, "Run directory (default: runs/<m
 _DATA_DIR = flags.DEFINE_string("data-dir", None, "Local dataset files (see robust_flat.data); sets "
                                 "config.data.data_dir.")
 _NO_PROGRESS = flags.DEFINE_bool("no-progress", False, "Disable the progress bar.")
+_LIST = flags.DEFINE_bool("list", False, "Print every method and config (file, summary, options with the paper's "
+                          "values) and exit.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "off", ["off", "auto"],
                                  "Multi-host training: 'auto' detects coordinator, process count and id under SLURM, "
                                  "Open MPI or on a TPU pod (flags below override); 'off' unless --coordinator is "
@@ -147,8 +149,59 @@ def parse_flags(argv: list) -> list:
         _fail([text[len("flag "):] if text.startswith("flag --") else text])
 
 
+def _summary(doc: str) -> str:
+    """The first sentence of a module docstring's first paragraph, on one line."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    end = re.search(r"\.\s(?=[A-Z])", text)  # not at "et al. 2019"
+    return text[:end.start() + 1] if end else text
+
+
+def describe_configs(config_dir: str = os.path.join(os.path.dirname(__file__), "configs")) -> str:
+    """The text of ``--list``, generated from the configs themselves: every config file of ``config_dir`` (its
+    method, the first sentence of its docstring, its method block's options with their defaults), the methods of
+    the registry (:data:`robust_flat.training.METHODS`) and the options every config has
+    (:data:`experiments.configs.common.VARIANT_OPTIONS`, defaults from ``base_config()``), with the paper's values."""
+    import importlib.util
+    import textwrap
+
+    from experiments.configs.common import PRESETS, VARIANT_OPTIONS, base_config
+    from robust_flat.training import METHODS
+    from robust_flat.training.config_check import METHOD_BLOCKS
+
+    def wrap(text, indent):
+        return textwrap.fill(text, 118, initial_indent=indent, subsequent_indent=indent)
+
+    lines = [f"Configs (--config=experiments/configs/FILE[:PRESET], presets {', '.join(PRESETS)}):"]
+    covered = set()
+    for name in sorted(os.listdir(config_dir)):
+        if not name.endswith(".py") or name in ("__init__.py", "common.py"):
+            continue
+        spec = importlib.util.spec_from_file_location(f"_list_{name[:-3]}", os.path.join(config_dir, name))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        covered.add(config.method)
+        lines += ["", f"  {name}  (method {config.method})", wrap(_summary(module.__doc__), "      ")]
+        block = METHOD_BLOCKS.get(config.method)
+        if block and block in config:
+            lines.append(wrap("options: " + ", ".join(f"--config.{block}.{k}={v}" for k, v in config[block].items()),
+                              "      "))
+    missing = [m for m in METHODS if m not in covered]
+    lines += ["", "Methods (robust_flat.training.METHODS): " + ", ".join(METHODS)
+              + (f"; without a config file: {', '.join(missing)}" if missing else "")]
+    base = base_config()
+    lines += ["", "Options of every config (--config.FIELD=VALUE; default; the paper's values):"]
+    for path, (what, paper) in VARIANT_OPTIONS.items():
+        block, field = path.split(".")
+        lines += [f"  {path} = {base[block][field]!r}", wrap(f"{what}. Paper: {paper}.", "      ")]
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
+    if _LIST.value:
+        print(describe_configs())
+        return
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from robust_flat import distributed
     from robust_flat.training.config_check import check_config

@@ -6,6 +6,35 @@ decay 5e-4, Nesterov momentum, eps 8/255 (the code uses 0.0314); see docs/paper-
 """
 import ml_collections
 
+PRESETS = ("paper", "smoke", "cpu", "tiny")  # apply_preset
+
+# The paper's variants that are one option of any config (its supplementary's "Methods" and hyper-parameter grids):
+# field -> (what it does, the paper's values). ``python -m experiments.cifar10_at --list`` prints them next to their
+# defaults, read from base_config() (tests/test_knobs.py checks that every field exists).
+VARIANT_OPTIONS = {
+    "train.label_smoothing": ("label smoothing of the training targets, (1 - tau) one-hot + tau / C, for the weight "
+                              "update only (pgd_at, clean)", "tau 0.1, 0.2, 0.3"),
+    "data.label_noise": ("label noise: a share tau of the training labels redrawn uniformly once, fixed per example",
+                         "tau 0.1, 0.2, 0.3, 0.4, 0.5"),
+    "attack.tau": ("PGD-tau: the training attack stops tau iterations after the label flipped (-1: plain PGD)",
+                   "tau 0, 1, 2, 3"),
+    "attack.eps": ("training radius (L-inf); evaluations keep their own --eps (8/255)",
+                   "8/255; larger eps 9/255 (larger_eps.py)"),
+    "attack.steps": ("PGD iterations of the training attack", "7; PGD-5, PGD-14"),
+    "attack.fraction": ("share of each batch trained adversarially", "1.0"),
+    "train.clip_weights": ("weight clipping: every parameter in [-w_max, w_max] after each step (0: off)",
+                           "w_max 0.005, 0.01, 0.025"),
+    "train.batch_size": ("batch size (lr kept)", "128; 8 ... 512"),
+    "optimizer.name": ("sgd (coupled L2, Nesterov) or adam", "sgd; Adam"),
+    "optimizer.schedule": ("multistep, constant, or cyclic (0 -> lr -> 0 every optimizer.cycle_epochs)",
+                           "multistep; cyclic with lr 0.2, 1-4 cycles of 30 epochs"),
+    "optimizer.weight_decay": ("coupled L2 weight decay", "5e-4; 0 ... 0.05"),
+    "ema.enabled": ("weight averaging w_avg <- tau w_avg + (1 - tau) w (ema.decay = tau)",
+                    "tau 0.98, 0.985, 0.99, 0.9975"),
+    "model.activation": ("activation", "relu; silu, mish, gelu"),
+    "model.dropout": ("dropout before each block's second norm", "0.1"),
+}
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -31,7 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
         synthetic_train=2560, synthetic_test=1024,
     ))
 
-    c.train = ml_collections.ConfigDict(dict(epochs=150, batch_size=128, clip_weights=0.0))
+    c.train = ml_collections.ConfigDict(dict(
+        epochs=150, batch_size=128,
+        clip_weights=0.0,     # w_max: parameters clipped to [-w_max, w_max] after each step (paper: 0.005 ... 0.025)
+        label_smoothing=0.0,  # tau of the training targets (1 - tau) one-hot + tau / C (paper: 0.1, 0.2, 0.3)
+    ))
 
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
@@ -43,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
         eps=8 / 255, step_size=0.007, steps=7, norm="linf", init="uniform_norm", restarts=1,
         fraction=1.0,        # share of each batch trained adversarially (paper: 1.0; code's 50/50 variant: 0.5)
         unroll=True,         # unrolled PGD loop (2-5x faster than a rolled loop on XLA:CPU)
+        tau=-1,              # PGD-tau: stop tau iterations after the label flipped (paper: 0, 1, 2, 3); -1: plain PGD
     ))
 
     c.ema = ml_collections.ConfigDict(dict(enabled=False, decay=0.9975))

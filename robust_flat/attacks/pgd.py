@@ -5,11 +5,17 @@ Per restart: random start (``uniform_norm`` by default, as in the code), then fo
 and, for i < T, a signed (L-inf) or L2-normalized ascent step. T + 1 forwards, T backwards. Across restarts the
 per-example worst case (highest loss) is kept. Loops are unrolled by default: on XLA:CPU a rolled ``fori_loop`` is
 2-5x slower (measured); set ``unroll=False`` for long attacks where compile time matters.
+
+PGD-tau (``tau``, the paper's early-stopped training attack, tau in 0, 1, 2, 3; off by default): an example stops
+tau iterations after its label flipped. Its iterates are counted while it is misclassified; at its (tau + 1)-th
+misclassified iterate it stops and that iterate is returned (tau = 0: the first misclassified iterate). An example
+that never gets there (never misclassified, or too few steps) returns what plain PGD returns, so tau > ``steps``
+is plain PGD. The released code differs for those examples (docs/paper-vs-code.md#pgd-tau).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +45,7 @@ class PGDConfig:
     restart_selection: str = "loss"
     loss: Union[str, Callable] = "ce"
     unroll: bool = True
+    tau: Optional[int] = None
 
     def __post_init__(self):
         if not self.eps > 0:
@@ -51,6 +58,9 @@ class PGDConfig:
             raise ValueError(f"unknown best_iterate {self.best_iterate!r}")
         if self.restart_selection not in ("loss", "confidence"):
             raise ValueError(f"unknown restart_selection {self.restart_selection!r}")
+        if self.tau is not None and (self.tau < 0 or self.loss != "ce" or self.best_iterate != "example"):
+            raise ValueError(f"PGD-tau needs tau >= 0 with the cross-entropy loss and per-example best iterates, "
+                             f"got tau={self.tau}, loss={self.loss!r}, best_iterate={self.best_iterate!r}")
 
 
 def _select(mask, a, b):
@@ -61,13 +71,25 @@ def _one_run(logits_fn, x, y, key, config: PGDConfig):
     loss_fn = get_loss(config.loss)
 
     def objective(delta):
-        losses = loss_fn(logits_fn(x + delta), y)
-        return jnp.sum(losses), losses
+        logits = logits_fn(x + delta)
+        losses = loss_fn(logits, y)
+        return jnp.sum(losses), (losses, logits)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     delta = project(init_delta(key, x, config.eps, config.norm, config.init), x, config.eps, config.norm)
     best_delta = delta
     best_loss = jnp.full((x.shape[0],), -jnp.inf, jnp.float32)
+    # PGD-tau: misclassified iterates still to count, whether stopped, and the iterate (and loss) it stopped at
+    stop = (jnp.full((x.shape[0],), config.tau or 0, jnp.int32), jnp.zeros((x.shape[0],), bool), delta, best_loss)
+
+    def early_stop(stop, delta, losses, logits):
+        if config.tau is None:
+            return stop
+        remaining, stopped, stop_delta, stop_loss = stop
+        wrong = (jnp.argmax(logits, -1) != y) & ~stopped
+        now = wrong & (remaining == 0)
+        return (jnp.where(wrong & ~now, remaining - 1, remaining), stopped | now, _select(now, delta, stop_delta),
+                jnp.where(now, losses, stop_loss))
 
     def track(best_delta, best_loss, delta, losses):
         if config.best_iterate == "last":
@@ -79,22 +101,26 @@ def _one_run(logits_fn, x, y, key, config: PGDConfig):
         return _select(better, delta, best_delta), jnp.where(better, losses, best_loss)
 
     def step(carry, _=None):
-        delta, best_delta, best_loss = carry
-        (_, losses), g = grad_fn(delta)
+        delta, best_delta, best_loss, stop = carry
+        (_, (losses, logits)), g = grad_fn(delta)
         best_delta, best_loss = track(best_delta, best_loss, delta, losses)
+        stop = early_stop(stop, delta, losses, logits)
         direction = normalize_gradient(g, config.norm) if config.normalized else g
         delta = project(delta + config.step_size * direction, x, config.eps, config.norm)
-        return delta, best_delta, best_loss
+        return delta, best_delta, best_loss, stop
 
-    carry = (delta, best_delta, best_loss)
+    carry = (delta, best_delta, best_loss, stop)
     if config.unroll:
         for _ in range(config.steps):
             carry = step(carry)
     else:
         carry = lax.fori_loop(0, config.steps, lambda i, c: step(c), carry)
-    delta, best_delta, best_loss = carry
-    _, losses = objective(delta)  # the last iterate: forward only
+    delta, best_delta, best_loss, stop = carry
+    _, (losses, logits) = objective(delta)  # the last iterate: forward only
     best_delta, best_loss = track(best_delta, best_loss, delta, losses)
+    if config.tau is not None:
+        _, stopped, stop_delta, stop_loss = early_stop(stop, delta, losses, logits)
+        best_delta, best_loss = _select(stopped, stop_delta, best_delta), jnp.where(stopped, stop_loss, best_loss)
     return best_delta, best_loss
 
 

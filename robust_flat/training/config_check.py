@@ -32,6 +32,8 @@ ATTACK_NORMS = ("linf", "l2")                                      # attacks/pgd
 ATTACK_INITS = ("uniform_norm", "uniform", "small_normal", "zero")  # attacks/common.py init_delta
 BEST_ITERATES = ("batch", "last", "example")                       # attacks/pgd.py PGDConfig (TRADES)
 PIXEL_SCALES = (255.0, 1.0)                                        # data.py validate
+# the methods whose training loss is the cross-entropy, where train.label_smoothing applies (training/update.py)
+LABEL_SMOOTHING_METHODS = ("pgd_at", "clean")
 # the config block each method reads besides the shared ones
 METHOD_BLOCKS = {"trades": "trades", "mart": "mart", "awp": "awp", "entropy_sgd": "esgd"}
 
@@ -132,6 +134,7 @@ def check_config(config) -> list[str]:
          "(float images in [0, 1])")
     rule("data.train_examples", integer(0), "an integer >= 0 (0: all)")
     rule("data.augment", boolean, "true or false")
+    rule("data.label_noise", real(0.0, 1.0, hi_open=True), "a share in [0, 1) (0: no label noise; paper: 0.1 ... 0.5)")
     if _get(config, "data.dataset") == "synthetic":
         rule("data.synthetic_train", integer(1), "an integer >= 1")
         rule("data.synthetic_test", integer(1), "an integer >= 1")
@@ -140,6 +143,11 @@ def check_config(config) -> list[str]:
     rule("train.batch_size", integer(1), "an integer >= 1")
     rule("train.clip_weights", real(0.0), "a number >= 0 (0: no weight clipping)")
     rule("train.batches_per_step", integer(1), "an integer >= 1", optional=True)
+    rule("train.label_smoothing", real(0.0, 1.0, hi_open=True), "a number in [0, 1) (0: off; paper: 0.1, 0.2, 0.3)")
+    smoothing = _get(config, "train.label_smoothing")
+    if _is_real(smoothing) and smoothing > 0 and _get(config, "method") not in LABEL_SMOOTHING_METHODS:
+        problems.append(f"train.label_smoothing is implemented for the methods trained on the cross-entropy "
+                        f"({', '.join(LABEL_SMOOTHING_METHODS)}), not for {_get(config, 'method')}; set it to 0")
     # optimizer
     rule("optimizer.lr", real(0.0, lo_open=True), "a number > 0")
     rule("optimizer.momentum", real(0.0, 1.0, hi_open=True), "a number in [0, 1)")
@@ -158,6 +166,10 @@ def check_config(config) -> list[str]:
     rule("attack.restarts", integer(1), "an integer >= 1")
     rule("attack.fraction", real(0.0, 1.0), "a number in [0, 1]", optional=True)
     rule("attack.unroll", boolean, "true or false")
+    rule("attack.tau", integer(-1), "an integer >= 0 (PGD-tau; paper: 0, 1, 2, 3) or -1 (plain PGD)")
+    if _is_int(_get(config, "attack.tau")) and _get(config, "attack.tau") >= 0 and _get(config, "method") == "trades":
+        problems.append("attack.tau (PGD-tau) stops at misclassification, but TRADES attacks the KL divergence "
+                        "without labels; set it to -1")
     # weight averaging, checkpoints, evaluation
     rule("ema.enabled", boolean, "true or false")
     rule("ema.decay", real(0.0, 1.0, hi_open=True), "a number in [0, 1)")

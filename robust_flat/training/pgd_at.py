@@ -16,9 +16,15 @@ from robust_flat.training.update import prepare_images, step_options, supervised
 
 
 def attack_config(config) -> PGDConfig:
+    """The training attack of every adversarial method, from the ``attack`` block: the one translation from config
+    to attack. ``eps`` and ``step_size`` are taken as given, independently: the paper's larger-eps models (9/255,
+    experiments/configs/larger_eps.py) keep the step 0.007 of the 8/255 recipe, as the released code's registry does
+    (its eps variants 0.0235 ... 0.0352 all use ``lr0007``); ``--config.attack.step_size`` sets another. The
+    evaluation attacks (experiments/evaluate.py, robust_loss.py, flatness.py) take their own ``--eps`` (8/255).
+    ``attack.tau`` >= 0 selects PGD-tau (-1: plain PGD)."""
     a = config.attack
     return PGDConfig(eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm, init=a.init,
-                     restarts=a.restarts, unroll=a.unroll)
+                     restarts=a.restarts, unroll=a.unroll, tau=None if a.tau < 0 else int(a.tau))
 
 
 def adversarial_batch(state, x, y, key, *, apply_fn, attack: PGDConfig, fraction: float):
@@ -35,15 +41,18 @@ def adversarial_batch(state, x, y, key, *, apply_fn, attack: PGDConfig, fraction
 
 
 def train_step(state, batch, rng, *, apply_fn, tx, attack: PGDConfig, fraction=1.0, augment=True, ema_decay=None,
-               clip_weights=None):
+               clip_weights=None, label_smoothing=0.0):
+    """``label_smoothing`` smooths the targets of the weight update only; the attack maximizes the cross-entropy of
+    the true label (as the released code does)."""
     k_aug, k_att, k_drop = jax.random.split(rng, 3)
     x = prepare_images(batch, k_aug, augment)
     y = batch["label"]
     x = adversarial_batch(state, x, y, k_att, apply_fn=apply_fn, attack=attack, fraction=fraction)
     return supervised_update(state, x, y, k_drop, apply_fn=apply_fn, tx=tx, ema_decay=ema_decay,
-                             clip_weights=clip_weights)
+                             clip_weights=clip_weights, label_smoothing=label_smoothing)
 
 
 def make_step(config, apply_fn, tx):
     return functools.partial(train_step, apply_fn=apply_fn, tx=tx, attack=attack_config(config),
-                             fraction=config.attack.fraction, **step_options(config))
+                             fraction=config.attack.fraction, label_smoothing=float(config.train.label_smoothing),
+                             **step_options(config))

@@ -43,13 +43,32 @@ def gradient_update(state: TrainState, loss_fn, y, *, tx, ema_decay=None, clip_w
     return state, metrics
 
 
-def supervised_update(state: TrainState, x, y, rng, *, apply_fn, tx, ema_decay=None, clip_weights=None):
-    """Train-mode forward/backward of the mean cross-entropy on ``(x, y)`` and one :func:`apply_gradients` step.
-    Batch-norm statistics are updated by this forward only. Returns ``(state, metrics)``."""
+def training_targets(y, num_classes: int, label_smoothing: float):
+    """The target distributions of label smoothing: ``(1 - tau) one_hot(y) + tau / C`` (``optax.smooth_labels``;
+    the released code's target, the paper writes ``tau / (C - 1)`` off the true class:
+    docs/paper-vs-code.md#label-smoothing-target)."""
+    return optax.smooth_labels(jax.nn.one_hot(y, num_classes, dtype=jnp.float32), label_smoothing)
+
+
+def training_loss(logits, y, label_smoothing: float = 0.0):
+    """Per-example training loss: cross-entropy with the integer labels ``y``, or with
+    :func:`training_targets` when ``label_smoothing`` (tau; default 0: off; paper: 0.1, 0.2, 0.3) is set. tau = 0
+    is exactly the plain cross-entropy (the same code path)."""
+    if not label_smoothing:
+        return cross_entropy(logits, y)
+    logits = logits.astype(jnp.float32)
+    return optax.softmax_cross_entropy(logits, training_targets(y, logits.shape[-1], label_smoothing))
+
+
+def supervised_update(state: TrainState, x, y, rng, *, apply_fn, tx, ema_decay=None, clip_weights=None,
+                      label_smoothing: float = 0.0):
+    """Train-mode forward/backward of the mean :func:`training_loss` on ``(x, y)`` (cross-entropy, label-smoothed
+    when ``label_smoothing`` > 0) and one :func:`apply_gradients` step. Batch-norm statistics are updated by this
+    forward only. Returns ``(state, metrics)``."""
 
     def loss_fn(params):
         logits, new_model_state = apply_fn(params, state.model_state, x, train=True, rng=rng)
-        return jnp.mean(cross_entropy(logits, y)), (logits, new_model_state, {})
+        return jnp.mean(training_loss(logits, y, label_smoothing)), (logits, new_model_state, {})
 
     return gradient_update(state, loss_fn, y, tx=tx, ema_decay=ema_decay, clip_weights=clip_weights)
 
