@@ -59,8 +59,10 @@ SEP = "/"  # parameter paths are the Flax module path joined by "/", e.g. "stage
 
 # -------------------------------------------------------------------------------------------- layer selection
 def kernels_filter(path: str, leaf) -> bool:
-    """The code's Hessian parameter set: every tensor with >= 2 dims (conv and dense kernels)."""
-    return np.ndim(leaf) >= 2
+    """The code's Hessian parameter set: every tensor with >= 2 dims (conv and dense kernels), auxiliary heads
+    (paths with an ``aux`` component, e.g. self-supervision's ``aux_rotation_head``) excluded as the code removes its
+    auxiliary model first."""
+    return np.ndim(leaf) >= 2 and not any(part.startswith("aux") for part in path.split(SEP))
 
 
 def resolve_filter(select) -> Callable[[str, Any], bool]:

@@ -61,17 +61,26 @@ def init_model(model: nn.Module, key: jax.Array, input_shape=(1, 32, 32, 3)):
 
 @dataclasses.dataclass(frozen=True)
 class ApplyFn:
-    """``(params, model_state, x, *, train, rng=None) -> (logits, new_model_state)``."""
+    """``(params, model_state, x, *, train, rng=None) -> (logits, new_model_state)``.
+
+    ``output`` (default ``"logits"``, the classifier) selects what the models of this package return instead:
+    ``"features"`` (the pooled features the classifier layer reads) or ``"rotation"`` (the auxiliary rotation
+    head's logits, a model created with ``rotation_head``; :mod:`robust_flat.training.ssl_rotation`). Only a
+    non-default ``output`` is passed on to the module, so any Flax classifier works with the default.
+    """
 
     module: nn.Module
+    output: str = "logits"
 
     def __call__(self, params, model_state, x, *, train: bool, rng: Optional[jax.Array] = None):
         variables = {"params": params, **model_state}
         rngs = {"dropout": rng} if rng is not None else {}
+        kwargs = {} if self.output == "logits" else {"output": self.output}
         if train and model_state:
-            logits, updates = self.module.apply(variables, x, train=True, rngs=rngs, mutable=list(model_state))
+            logits, updates = self.module.apply(variables, x, train=True, rngs=rngs, mutable=list(model_state),
+                                                **kwargs)
             return logits, {**model_state, **updates}
-        return self.module.apply(variables, x, train=train, rngs=rngs), model_state
+        return self.module.apply(variables, x, train=train, rngs=rngs, **kwargs), model_state
 
 
 @dataclasses.dataclass(frozen=True)

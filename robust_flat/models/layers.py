@@ -178,3 +178,51 @@ def _max_pool_2x2_jvp(primals, tangents):
 # Kaiming normal with gain sqrt(2): fan_out for convs, fan_in for the classifier (as the released code).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+# What a model's ``__call__`` returns (its ``output`` argument): the classifier's logits (default; what every attack,
+# flatness measure and evaluation sees), the pooled features the classifier layer reads, or the logits of the
+# auxiliary rotation head (self-supervised training, robust_flat/training/ssl_rotation.py).
+OUTPUTS = ("logits", "features", "rotation")
+ROTATIONS = 4  # classes of the rotation head: 0, 90, 180, 270 degrees
+AUX_HEAD_NAME = "aux_rotation_head"  # "aux": outside the weight neighbourhood (robust_flat.weights DEFAULT_EXCLUDE)
+
+
+class RotationHead(nn.Module):
+    """The auxiliary rotation classifier of self-supervised AT on a model's pooled features: dense ``hidden`` ->
+    norm -> activation -> dense 4 (the released code's MLP 512 -> 256 -> 4 with ReLU and BN on ResNet-18)."""
+
+    hidden: int = 256
+    activation: str = "relu"
+    norm: str = "rebn"
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, features, train: bool):
+        dt = compute_dtype(self.dtype)
+        h = nn.Dense(self.hidden, kernel_init=dense_init, dtype=dt, name="dense1")(features)
+        h = get_activation(self.activation)(make_norm(self.norm, "norm1", self.dtype)(h, train))
+        return nn.Dense(ROTATIONS, kernel_init=dense_init, dtype=dt, name="dense2")(h).astype(jnp.float32)
+
+
+def model_output(model: nn.Module, features, train: bool, output: str):
+    """The end every model shares, from its pooled ``features``: ``output="logits"`` the linear ``logits`` layer,
+    ``"features"`` the features themselves, ``"rotation"`` the rotation head's logits. Call it inside the model's
+    compact ``__call__``; the model's ``rotation_head`` attribute is the head's hidden width (0, the default: no
+    head, and no head parameters). A model with a head creates its parameters at initialization (under
+    ``aux_rotation_head``, next to the classifier's, never read by ``output="logits"``)."""
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown model output {output!r}; choose one of {', '.join(OUTPUTS)}")
+    if output == "features":
+        return features
+    head = (RotationHead(model.rotation_head, model.activation, model.norm, model.dtype, name=AUX_HEAD_NAME)
+            if model.rotation_head else None)
+    if output == "rotation":
+        if head is None:
+            raise ValueError("this model has no rotation head (create it with rotation_head=HIDDEN_WIDTH)")
+        return head(features, train)
+    logits = nn.Dense(model.num_classes, kernel_init=dense_init, dtype=compute_dtype(model.dtype),
+                      name="logits")(features).astype(jnp.float32)
+    if head is not None and model.is_initializing():
+        head(features, train)
+    return logits

@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from robust_flat.models.layers import compute_dtype, conv_init, dense_init, get_activation, make_norm, make_whiten
+from robust_flat.models.layers import (compute_dtype, conv_init, get_activation, make_norm, make_whiten,
+                                      model_output)
 
 SHORTCUT_FROM = ("activation", "input")
 
@@ -66,9 +67,10 @@ class PreActResNet(nn.Module):
     whiten_std: Optional[Sequence[float]] = None
     shortcut_from: str = "activation"  # "activation" (default, PreActBlockV2) | "input" (RobustBench PreActBlock)
     final_norm: bool = True  # norm + act before the pooling (RobustBench: bn_before_fc)
+    rotation_head: int = 0  # hidden width of the auxiliary rotation head (0: none; self-supervised AT: 256)
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, output: str = "logits"):
         dt = compute_dtype(self.dtype)
         if self.whiten:
             x = make_whiten(self.whiten_mean, self.whiten_std, self.dtype)(x)
@@ -80,5 +82,4 @@ class PreActResNet(nn.Module):
                                 self.shortcut_from, name=f"stage{i + 1}_block{j}")(x, train)
         if self.final_norm:
             x = get_activation(self.activation)(make_norm(self.norm, "norm_final", self.dtype)(x, train))
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dt, name="logits")(x).astype(jnp.float32)
+        return model_output(self, jnp.mean(x, axis=(1, 2)), train, output)

@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from robust_flat.models.layers import compute_dtype, conv_init, dense_init, get_activation, make_norm, make_whiten
+from robust_flat.models.layers import (compute_dtype, conv_init, get_activation, make_norm, make_whiten,
+                                      model_output)
 
 
 class BasicBlock(nn.Module):
@@ -60,9 +61,10 @@ class ResNet(nn.Module):
     whiten_mean: Optional[Sequence[float]] = None  # None: CIFAR-10's
     whiten_std: Optional[Sequence[float]] = None
     conv_bias: bool = True  # bias in the stem and shortcut convs (Stutz et al.: yes; torchvision / RobustBench: no)
+    rotation_head: int = 0  # hidden width of the auxiliary rotation head (0: none; self-supervised AT: 256)
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, output: str = "logits"):
         dt = compute_dtype(self.dtype)
         act = get_activation(self.activation)
         if self.whiten:
@@ -75,8 +77,7 @@ class ResNet(nn.Module):
                 stride = 2 if (i > 0 and j == 0) else 1
                 x = BasicBlock(self.width * 2 ** i, stride, self.activation, self.norm, self.dropout, self.dtype,
                                self.conv_bias, name=f"stage{i + 1}_block{j}")(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dt, name="logits")(x).astype(jnp.float32)
+        return model_output(self, jnp.mean(x, axis=(1, 2)), train, output)
 
 
 def resnet18(**kwargs) -> ResNet:

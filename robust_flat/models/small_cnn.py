@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from robust_flat.models.layers import (Whiten, compute_dtype, conv_init, dense_init, get_activation, make_norm,
-                                      max_pool_2x2)
+                                      max_pool_2x2, model_output)
 
 
 class SmallCNN(nn.Module):
@@ -33,9 +33,10 @@ class SmallCNN(nn.Module):
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
     whiten: bool = True
+    rotation_head: int = 0  # hidden width of the auxiliary rotation head (0: none; self-supervised AT: 256)
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, output: str = "logits"):
         dt = compute_dtype(self.dtype)
         act = get_activation(self.activation)
         if self.whiten:
@@ -53,4 +54,4 @@ class SmallCNN(nn.Module):
         x = act(make_norm(self.norm, "norm_fc1", self.dtype)(x, train))
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dt, name="logits")(x).astype(jnp.float32)
+        return model_output(self, x, train, output)

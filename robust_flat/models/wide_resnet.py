@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from robust_flat.models.layers import compute_dtype, conv_init, dense_init, get_activation, make_norm, make_whiten
+from robust_flat.models.layers import (compute_dtype, conv_init, get_activation, make_norm, make_whiten,
+                                      model_output)
 from robust_flat.models.preact_resnet import PreActBlock  # the same pre-activation basic block
 
 
@@ -25,9 +26,10 @@ class WideResNet(nn.Module):
     whiten: bool = True
     whiten_mean: Optional[Sequence[float]] = None  # None: CIFAR-10's
     whiten_std: Optional[Sequence[float]] = None
+    rotation_head: int = 0  # hidden width of the auxiliary rotation head (0: none; self-supervised AT: 256)
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, output: str = "logits"):
         dt = compute_dtype(self.dtype)
         if (self.depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4, got {self.depth}")
@@ -42,5 +44,4 @@ class WideResNet(nn.Module):
                 x = PreActBlock(width, stride, self.activation, self.norm, self.dropout, self.dtype,
                                 name=f"stage{i + 1}_block{j}")(x, train)
         x = get_activation(self.activation)(make_norm(self.norm, "norm_final", self.dtype)(x, train))
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dt, name="logits")(x).astype(jnp.float32)
+        return model_output(self, jnp.mean(x, axis=(1, 2)), train, output)

@@ -3,10 +3,11 @@
 (:mod:`robust_flat.training.trainer`) is the same for all of them."""
 from __future__ import annotations
 
-from robust_flat.training import awp, clean, entropy_sgd, mart, pgd_at, trades
+from robust_flat.training import awp, clean, entropy_sgd, mart, pgd_at, sam, ssl_rotation, trades
 
 METHODS = {"pgd_at": pgd_at.make_step, "clean": clean.make_step, "trades": trades.make_step, "mart": mart.make_step,
-           "awp": awp.make_step, "entropy_sgd": entropy_sgd.make_step}
+           "awp": awp.make_step, "entropy_sgd": entropy_sgd.make_step, "sam": sam.make_step,
+           "ssl": ssl_rotation.make_step}
 
 
 def make_step(config, apply_fn, tx):

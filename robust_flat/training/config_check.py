@@ -35,7 +35,7 @@ PIXEL_SCALES = (255.0, 1.0)                                        # data.py val
 # the methods whose training loss is the cross-entropy, where train.label_smoothing applies (training/update.py)
 LABEL_SMOOTHING_METHODS = ("pgd_at", "clean")
 # the config block each method reads besides the shared ones
-METHOD_BLOCKS = {"trades": "trades", "mart": "mart", "awp": "awp", "entropy_sgd": "esgd"}
+METHOD_BLOCKS = {"trades": "trades", "mart": "mart", "awp": "awp", "entropy_sgd": "esgd", "sam": "sam", "ssl": "ssl"}
 
 _MISSING = object()
 
@@ -198,6 +198,13 @@ def check_config(config) -> list[str]:
         rule("awp.grad_clip", real(0.0), "a number >= 0 (0: off)")
         rule("awp.include_bias", boolean, "true or false")
         rule("awp.loss_threshold", real(0.0), "a number >= 0 (0: perturb every batch)")
+    elif method == "sam":
+        rule("sam.rho", lambda v: v is None or real(0.0)(v), "a number >= 0 (or None: 0.05, 0.5 with sam.adaptive)")
+        rule("sam.adaptive", boolean, "true or false")
+        rule("sam.eta", real(0.0), "a number >= 0")
+    elif method == "ssl":
+        rule("ssl.lam", real(0.0), "a number >= 0 (paper: 0.5 to 8)")
+        rule("model.rotation_head", integer(1), "an integer >= 1 (the rotation head's hidden width, e.g. 256)")
     elif method == "entropy_sgd":
         rule("esgd.L", integer(1), "an integer >= 1")
         rule("esgd.gamma0", real(0.0), "a number >= 0")
