@@ -46,7 +46,7 @@ def gradient_update(state: TrainState, loss_fn, y, *, tx, ema_decay=None, clip_w
 def training_targets(y, num_classes: int, label_smoothing: float):
     """The target distributions of label smoothing: ``(1 - tau) one_hot(y) + tau / C`` (``optax.smooth_labels``;
     the released code's target, the paper writes ``tau / (C - 1)`` off the true class:
-    docs/paper-vs-code.md#label-smoothing-target)."""
+    docs/paper-vs-code.md#label-smoothing)."""
     return optax.smooth_labels(jax.nn.one_hot(y, num_classes, dtype=jnp.float32), label_smoothing)
 
 
