@@ -247,3 +247,19 @@ def test_eval_cost_counts_passes_as_documented():
     assert eval_cost(clean)["train"] == 78 * 128 * 2 and eval_cost(clean)["early_stopping"] == 0
     tiny = pgd_at_config.get_config("tiny")
     assert eval_cost(tiny)["ratio"] > 0.25  # the exempt fixture: 256 images, ES on all 128 test images
+
+
+def test_a_run_written_before_an_option_existed_resumes_with_its_default(tmp_path):
+    """config.json of a run written before an option was added lacks it: the default resumes, another value does
+    not (it would train a different run)."""
+    c = pgd_at_config.get_config("tiny")
+    prepare_run_dir(str(tmp_path), c)
+    path = tmp_path / "config.json"
+    old = json.loads(path.read_text())
+    del old["train"]["label_smoothing"], old["data"]["label_noise"], old["attack"]["tau"]
+    path.write_text(json.dumps(old))
+    os.makedirs(tmp_path / "checkpoints" / "latest" / "3")  # a rolling checkpoint: the stored config is binding
+    prepare_run_dir(str(tmp_path), c)
+    c.train.label_smoothing = 0.1
+    with pytest.raises(TrainingError, match=r"different config \(train.label_smoothing: None -> 0.1\)"):
+        prepare_run_dir(str(tmp_path), c)

@@ -60,6 +60,9 @@ class Interrupted(Exception):
 # Config entries that may differ between a run and its resumption (where the data lives, not what it is).
 _VOLATILE_KEYS = {("data", "data_dir"), ("debug", "sigkill_at_step"), ("debug", "sigkill_at_save"),
                   ("debug", "sigkill_save_delay_ms")}
+# Options added after runs were written: a run whose config.json lacks one ran as this value, so it resumes when the
+# new config has this value (its default).
+_ADDED_KEYS = {("attack", "tau"): -1, ("data", "label_noise"): 0.0, ("train", "label_smoothing"): 0.0}
 
 
 def _flatten(d, prefix=()):
@@ -121,6 +124,7 @@ def prepare_run_dir(run_dir: str, config, write: bool = True, log=None) -> None:
 
 def _config_diff(old: dict, new: dict) -> list:
     a, b = _flatten(old), _flatten(new)
+    a = {**{k: v for k, v in _ADDED_KEYS.items() if k not in a}, **a}
     return sorted(k for k in set(a) | set(b) if k not in _VOLATILE_KEYS and a.get(k) != b.get(k))
 
 
