@@ -117,6 +117,11 @@ def test_the_head_is_outside_the_classifier_flatness_hessian_and_the_run_state()
     backbone = {k: v for k, v in params.items() if k != AUX_HEAD_NAME}
     bn = {"batch_stats": {k: v for k, v in model_state["batch_stats"].items() if k != AUX_HEAD_NAME}}
     np.testing.assert_array_equal(np.asarray(make_logits_fn(plain)(backbone, bn, x)), logits)
+    # output="features": what the classifier layer (and the head) reads
+    features = np.asarray(model.apply({"params": params, **model_state}, x, output="features"))
+    assert features.shape == (B, 16)
+    np.testing.assert_allclose(features @ np.asarray(params["logits"]["kernel"]) + np.asarray(params["logits"]["bias"]),
+                               logits, rtol=1e-5, atol=1e-5)
     # flatness and landscapes (the weight neighbourhood's default layers) and the Hessian never see it
     assert not any(p.startswith(AUX_HEAD_NAME) for p in selected_paths(params))
     nb = Neighbourhood(xi=0.5)
