@@ -18,7 +18,7 @@ from robust_flat.training.config_check import check_config
 from tests.toy_task import make_data, toy_logits_fn
 
 SIZE = 16
-EPS, STEP, STEPS = 6 / 255, 1.5 / 255, 6
+EPS, STEP, STEPS = 6 / 255, 1.5 / 255, 5
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +34,35 @@ def _run(toy, **kw):
                                                                               **kw)))
 
 
+def _trajectory(logits_fn, x, y):
+    """The iterates x + delta_0 .. x + delta_T of plain PGD (restarts 1, key 2), written out from its pieces."""
+    from robust_flat.attacks.common import cross_entropy, init_delta, normalize_gradient, project
+
+    @jax.jit
+    def run(x, y):
+        key = jax.random.split(jax.random.PRNGKey(2), 1)[0]
+        delta = project(init_delta(key, x, EPS, "linf", "uniform_norm"), x, EPS, "linf")
+        out = [x + delta]
+        for _ in range(STEPS):
+            g = jax.grad(lambda d: jnp.sum(cross_entropy(logits_fn(x + d), y)))(delta)
+            delta = project(delta + STEP * normalize_gradient(g, "linf"), x, EPS, "linf")
+            out.append(x + delta)
+        return jnp.stack(out)
+
+    return np.asarray(run(x, y))
+
+
 def test_pgd_tau_stops_each_example_tau_iterations_after_its_label_flipped(toy):
     logits_fn, x, y = toy
     x_np = np.asarray(x)
     plain = _run(toy)
-    # the iterates of the plain run: the last iterate of a k-step run with the same key is its k-th iterate
-    iterates = [np.asarray(pgd(logits_fn, x, y, jax.random.PRNGKey(2),
-                               PGDConfig(eps=EPS, step_size=STEP, steps=k, best_iterate="last")))
-                for k in range(STEPS + 1)]
+    iterates = _trajectory(logits_fn, x, y)
+    np.testing.assert_allclose(iterates[-1], _run(toy, best_iterate="last"), atol=1e-6)  # the same trajectory
     wrong = np.stack([np.asarray(jnp.argmax(logits_fn(jnp.asarray(it)), -1)) != np.asarray(y) for it in iterates])
     # the toy model is not robust: some examples flip at the start, some later, some never within the budget
     first = np.where(wrong.any(0), wrong.argmax(0), -1)
     assert (first == 0).any() and (first > 0).any() and (first == -1).any(), first
-    for tau in (0, 1, 2):
+    for tau in (0, 2):
         out = _run(toy, tau=tau)
         assert np.max(np.abs(out - x_np)) <= EPS + 1e-6 and out.min() >= 0.0 and out.max() <= 1.0
         for i in range(len(y)):
@@ -155,12 +171,14 @@ def test_adam_is_used_when_selected_and_its_state_resumes_exactly(tmp_path):
     def is_adam(s):
         return isinstance(s, optax.ScaleByAdamState)
 
+    c.eval.n_examples, c.eval.early_stopping = 0, False  # no per-epoch evaluation: only the training matters here
     reference = train(c, str(tmp_path / "reference"), progress=False)
     adam = [s for s in jax.tree.leaves(reference.opt_state, is_leaf=is_adam) if is_adam(s)]
     assert len(adam) == 1 and int(adam[0].count) == 16  # the trainer's optimizer is Adam, 16 steps taken
     # killed mid-epoch 1, then the same command again: resumes from the checkpoint (Adam's moments included)
     cmd = [sys.executable, "-m", "experiments.cifar10_at", "--config=experiments/configs/pgd_at.py:tiny",
-           f"--run-dir={tmp_path / 'killed'}", "--no-progress", "--config.optimizer.name=adam"]
+           f"--run-dir={tmp_path / 'killed'}", "--no-progress", "--config.optimizer.name=adam",
+           "--config.eval.n_examples=0", "--config.eval.early_stopping=False"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     killed = subprocess.run(cmd + ["--config.debug.sigkill_at_step=7"], cwd=root, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stdout + killed.stderr
