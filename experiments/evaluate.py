@@ -1,8 +1,9 @@
 """Robust accuracy of a trained model: ``python -m experiments.evaluate --run-dir RUN --attack autoattack``.
 
-    python -m experiments.evaluate --run-dir RUN [--snapshot N|best|last] --attack autoattack|pgd|apgd-ce|...
+    python -m experiments.evaluate --run-dir RUN [--snapshot N|best|last|best_ema] --attack autoattack|pgd|...
         [--version standard|standard_nosquare|fast|custom [--attacks apgd-ce,apgd-t]] [--eps 8/255] [--norm linf]
-        [--n-examples 1000] [--subset test_first1000] [--batch-size 128] [--seed 0] [--data-dir D] [--use-ema]
+        [--n-examples 1000] [--subset test_first1000] [--batch-size 128] [--seed 0] [--data-dir D]
+        [--weights params|ema]
 
 Attacks: ``autoattack`` (versions: ``standard`` = APGD-CE, APGD-T, FAB-T, Square as in the original;
 ``standard_nosquare`` = FAB-T, APGD-CE, APGD-T, what the released code of Stutz et al. ran for the paper's RErr;
@@ -16,6 +17,9 @@ and ``<name>.examples.json`` (per example: clean correct, broken by which attack
 which attacks ran on it), rewritten atomically after every batch. An interrupted evaluation started again with the
 same arguments resumes from there (``--fresh`` starts over). ``<name>`` defaults to
 ``{attack}[-{version}]_{norm}_eps{eps}_{subset}_n{N}_{snapshot}[_ema]``.
+
+``--weights ema``: the averaged weights of a run trained with ``--config.ema.enabled=True``, with their own batch-norm
+statistics (:func:`robust_flat.runs.weights`); ``--snapshot best_ema``: the epoch their own early stopping chose.
 """
 from __future__ import annotations
 
@@ -36,11 +40,13 @@ from experiments.cli import OneLineParser, load_checked, output_dirs, run_cli
 def build_parser() -> argparse.ArgumentParser:
     from robust_flat.attacks.autoattack import VERSIONS
     from robust_flat.evaluation import ATTACKS
+    from robust_flat.runs import WEIGHTS
 
     p = OneLineParser(prog="python -m experiments.evaluate", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True, help="training run directory (config.json, checkpoints/)")
-    p.add_argument("--snapshot", default="last", help="epoch number, 'best' or 'last' (default)")
+    p.add_argument("--snapshot", default="last", help="epoch number, 'best', 'best_ema' (the averaged weights' "
+                   "early-stopping epoch) or 'last' (default)")
     p.add_argument("--attack", default="autoattack", choices=ATTACKS)
     p.add_argument("--version", default="standard", choices=tuple(VERSIONS) + ("custom",),
                    help="AutoAttack version (only with --attack autoattack)")
@@ -60,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-target-classes", type=int, default=None,
                    help="target classes of APGD-T and FAB-T (default min(9, classes - 1): 9 for CIFAR-10; at most "
                         "classes - 1)")
-    p.add_argument("--use-ema", action="store_true", help="evaluate the weight-averaged parameters")
+    p.add_argument("--weights", default="params", choices=WEIGHTS,
+                   help="the trained weights (default) or their average (ema) with its own batch-norm statistics")
     p.add_argument("--name", default=None, help="output file name (without .json)")
     p.add_argument("--fresh", action="store_true", help="discard a saved partial or finished evaluation")
     p.add_argument("--no-progress", action="store_true")
@@ -98,8 +105,12 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
         parser.error(f"--n-target-classes must be >= 1 (default: min(9, classes - 1)), got {args.n_target_classes}")
     if min(args.n_iter, args.pgd_steps, args.pgd_restarts) < 1:
         parser.error("--n-iter, --pgd-steps and --pgd-restarts must be >= 1")
-    if args.snapshot not in ("best", "last") and not args.snapshot.isdigit():
-        parser.error(f"--snapshot must be an epoch number, 'best' or 'last', got {args.snapshot!r}")
+    from robust_flat.runs import check_snapshot, select_weights
+
+    try:
+        snapshot = check_snapshot(args.snapshot)
+    except ValueError as e:
+        parser.error(str(e))
 
     def make_components(n_classes=None):
         return ev.make_components(args.attack, eps, args.norm, args.version,
@@ -124,18 +135,17 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     from robust_flat.runs import snapshot_tag
     from robust_flat.models import bind, make_logits_fn
 
-    snapshot = args.snapshot if args.snapshot in ("best", "last") else int(args.snapshot)
     loaded = load_checked(load_run, args.run_dir, snapshot)
-    params = loaded.params
-    if args.use_ema:
-        if loaded.ema_params is None:
-            raise SystemExit("--use-ema: this run has no weight-averaged parameters")
-        params = loaded.ema_params
+    try:
+        loaded = select_weights(loaded, args.weights)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    ema = args.weights == "ema"
     x, y = load_eval_set(loaded.config, args.subset, args.data_dir)
     if args.n_examples > len(x):
         raise SystemExit(f"--n-examples {args.n_examples} but subset {args.subset} has only {len(x)} examples")
     x, y = np.asarray(x[:args.n_examples], np.float32), np.asarray(y[:args.n_examples], np.int32)
-    logits_fn = bind(make_logits_fn(loaded.model), params, loaded.model_state)
+    logits_fn = bind(make_logits_fn(loaded.model), loaded.params, loaded.model_state)
     from robust_flat.attacks.autoattack import num_classes
 
     # the target classes follow the model's class count; too many asked for: refused here, before any attack runs
@@ -145,13 +155,13 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     if args.attack == "autoattack" and args.version == "custom":
         label += "-" + "+".join(c.name for c in comps)
     name = args.name or (f"{label}_{args.norm}_eps{ev.eps_tag(args.eps)}_{args.subset}_n{len(x)}_"
-                         f"{snapshot_tag(args.snapshot, loaded.epoch)}{'_ema' if args.use_ema else ''}")
+                         f"{snapshot_tag(args.snapshot, loaded.epoch)}{'_ema' if ema else ''}")
     out_dir = os.path.join(args.run_dir, "evaluations")
     json_path = os.path.join(out_dir, f"{name}.json")
     state_path = os.path.join(out_dir, f"{name}.examples.json")
     settings = dict(eps=eps, norm=args.norm, seed=args.seed, subset=args.subset, n=len(x),
                     batch_size=args.batch_size, shape_buckets=args.shape_buckets, epoch=loaded.epoch,
-                    step=loaded.step, ema=args.use_ema, labels=hashlib.sha256(y.tobytes()).hexdigest()[:12])
+                    step=loaded.step, ema=ema, labels=hashlib.sha256(y.tobytes()).hexdigest()[:12])
     fp = fingerprint(ev.config_payload(comps, **settings))
 
     if args.fresh:
@@ -183,7 +193,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
                         batch_size=args.batch_size, shape_buckets=args.shape_buckets,
                         run_dir=os.path.abspath(args.run_dir),
                         snapshot=str(args.snapshot), epoch=loaded.epoch, step=loaded.step,
-                        weights="ema" if args.use_ema else "params", fingerprint=fp,
+                        weights=args.weights, fingerprint=fp,
                         examples_file=os.path.basename(state_path), time_s=round(time.time() - start, 1))
     atomic_write_json(json_path, result)
     after = ", ".join(f"{k} {v:.2%}" for k, v in result["accuracy_after"].items())

@@ -43,6 +43,7 @@ from experiments import hessian, landscape
 from experiments.cli import OneLineParser
 from robust_flat.io import atomic_save_npz, atomic_write_json
 from robust_flat.partial import PartialResults, finished_result, fingerprint
+from robust_flat.runs import WEIGHTS, check_snapshot, select_weights
 
 FLATNESS_MEASURES = ("avg", "worst", "clean_avg", "clean_worst")
 MEASURES = FLATNESS_MEASURES + ("hessian", "landscape")
@@ -112,7 +113,8 @@ def build_parser() -> MeasureParser:
     p = MeasureParser(prog="python -m experiments.flatness", description=__doc__)
     common = p.measure_group("options of every measure (or of those in [...])", MEASURES)
     common("--run-dir", required=True, help="training run directory (config.json, checkpoints/)")
-    common("--snapshot", default="last", help="epoch number, 'best' or 'last'")
+    common("--snapshot", default="last", help="epoch number, 'best', 'best_ema' (the averaged weights' "
+           "early-stopping epoch) or 'last'")
     common("--measure", required=True, choices=MEASURES)
     common("--n-examples", type=int, default=None, help="the first N examples of the subset (default: 1000 for "
            "the flatness measures, 128 for landscape, all of the subset for hessian)")
@@ -120,7 +122,8 @@ def build_parser() -> MeasureParser:
            "test_last100 for landscape)")
     common("--data-dir", default=None, help="the dataset's folder (default: the run's config)")
     common("--seed", type=int, default=0, help="every random key derives from it")
-    common("--use-ema", action="store_true", help="evaluate the weight-averaged parameters")
+    common("--weights", default="params", choices=WEIGHTS, help="the trained weights (default) or their average "
+           "(ema) with its own batch-norm statistics")
     common("--name", default=None, help="output file name without .json (default: from the measure and the "
            "snapshot, e.g. avg_xi0.5_last-ep30, hessian_last-ep30, landscape_best-ep12)")
     common("--fresh", action="store_true", help="ignore finished and partial results")
@@ -211,22 +214,13 @@ def _load_data(load_eval_set, loaded, subset, data_dir, n):
     return np.asarray(x, np.float32), np.asarray(y, np.int32)
 
 
-def _params(args, loaded):
-    """The run's parameters, or their weight average with ``--use-ema``."""
-    if not args.use_ema:
-        return loaded.params
-    if loaded.ema_params is None:
-        raise SystemExit("--use-ema: this run has no weight-averaged parameters")
-    return loaded.ema_params
-
-
 def _depends_on(args, loaded, params, x, y) -> dict:
     """What a Hessian or landscape result depends on besides its own settings (in its fingerprint): digests of the
-    weights and the data, the snapshot, ``--use-ema``."""
+    weights and the data, the snapshot, ``--weights``."""
     from robust_flat.partial import array_digest
 
     return {"params": array_digest(params, loaded.model_state), "data": array_digest(x, y), "epoch": loaded.epoch,
-            "step": loaded.step, "snapshot": str(args.snapshot), "use_ema": args.use_ema}
+            "step": loaded.step, "snapshot": str(args.snapshot), "use_ema": args.weights == "ema"}
 
 
 RUNS = {"hessian": hessian.run, "landscape": landscape.run}
@@ -239,8 +233,10 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     :func:`robust_flat.runs.load_run` / :func:`robust_flat.data.load_eval_set` (injectable for tests)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.snapshot not in ("best", "last") and not args.snapshot.isdigit():
-        parser.error(f"--snapshot must be an epoch number, 'best' or 'last', got {args.snapshot!r}")
+    try:
+        snapshot = check_snapshot(args.snapshot)
+    except ValueError as e:
+        parser.error(str(e))
     if args.n_examples is not None and args.n_examples < 1:
         parser.error(f"--n-examples must be >= 1, got {args.n_examples}")
     if args.measure in FLATNESS_MEASURES:  # every setting checked before the (slow) loading of the run
@@ -259,13 +255,16 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     if load_eval_set is None:
         from robust_flat.data import load_eval_set
 
-    snapshot = args.snapshot if args.snapshot in ("best", "last") else int(args.snapshot)
     from experiments.cli import load_checked
 
     loaded = load_checked(load_run, args.run_dir, snapshot)
+    try:  # the measures see the chosen weights and their batch-norm statistics as the run's
+        loaded = select_weights(loaded, args.weights)
+    except ValueError as e:
+        raise SystemExit(str(e))
     out_dir = os.path.join(args.run_dir, "flatness")
     subset = args.subset or DEFAULT_SUBSET.get(args.measure, "test_first1000")
-    params = _params(args, loaded)
+    params = loaded.params
     if args.measure in RUNS:
         x, y = _load_data(load_eval_set, loaded, subset, args.data_dir, args.n_examples)
         if args.measure == "landscape" and args.n_examples is None:  # the paper's one batch
@@ -294,7 +293,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     cfg_dict.pop("strategy", None)  # evaluation strategy does not change the numbers
     cfg_dict.pop("chunk_size", None)
     payload = {"config": cfg_dict, "measure": args.measure, "seed": args.seed, "subset": subset, "n": len(x),
-               "epoch": loaded.epoch, "step": loaded.step, "snapshot": str(args.snapshot), "ema": args.use_ema,
+               "epoch": loaded.epoch, "step": loaded.step, "snapshot": str(args.snapshot), "ema": args.weights == "ema",
                "labels": hashlib.sha256(y.tobytes()).hexdigest()[:12]}
     fp = fingerprint(payload)
     json_path = os.path.join(out_dir, f"{name}.json")
@@ -330,7 +329,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     out = result.to_dict()
     out.update({"fingerprint": fp, "run_dir": os.path.abspath(args.run_dir), "snapshot": str(args.snapshot),
                 "epoch": loaded.epoch, "step": loaded.step, "seed": args.seed, "subset": subset,
-                "use_ema": args.use_ema, "resumed_units": sorted(done)})
+                "use_ema": args.weights == "ema", "resumed_units": sorted(done)})
     atomic_save_npz(os.path.join(out_dir, f"{name}.npz"), per_example=result.per_example,
                     reference_per_example=result.reference_per_example)
     atomic_write_json(json_path, out, indent=2)

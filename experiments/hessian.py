@@ -60,7 +60,7 @@ def lanczos_iters(args) -> int:
 
 
 def run(args, loaded_run, params, x, y, out_dir: str, depends_on: dict) -> dict:
-    """Measure, write and return the summary. ``params``: the run's weights (or their average, ``--use-ema``);
+    """Measure, write and return the summary. ``params``: the run's weights (or their average, ``--weights ema``);
     ``x, y``: the examples; ``depends_on``: what the result depends on besides these settings (digests of the
     weights and the data, the snapshot: part of the fingerprint)."""
     import jax
@@ -114,7 +114,7 @@ def run(args, loaded_run, params, x, y, out_dir: str, depends_on: dict) -> dict:
     summary.update(
         loss_kind=cfg.loss, loss=op.loss(), reduction=cfg.reduction, batch_size=cfg.batch_size,
         num_examples=int(len(op.x_used)), num_batches=op.num_batches, dim=op.dim, parameters=list(op.paths),
-        seed=args.seed, epoch=loaded_run.epoch, use_ema=args.use_ema, num_hvps=op.num_hvps,
+        seed=args.seed, epoch=loaded_run.epoch, use_ema=args.weights == "ema", num_hvps=op.num_hvps,
         seconds_per_hvp=op.hvp_seconds / max(op.num_hvps, 1), seconds=time.perf_counter() - t0, fingerprint=fp,
         resumed_units=resumed)
     if density is not None:

@@ -89,7 +89,7 @@ def _arrays(values: dict) -> dict:
 
 
 def run(args, loaded_run, params, x, y, out_dir: str, depends_on: dict) -> dict:
-    """Measure, write and return the 1D result. ``params``: the run's weights (or their average, ``--use-ema``);
+    """Measure, write and return the 1D result. ``params``: the run's weights (or their average, ``--weights ema``);
     ``x, y``: the examples (the first ``N_EXAMPLES`` are used unless ``--n-examples``); ``depends_on``: what the
     result depends on besides these settings (digests of the weights and the data, the snapshot: part of the
     fingerprints)."""
@@ -145,8 +145,9 @@ def run(args, loaded_run, params, x, y, out_dir: str, depends_on: dict) -> dict:
         t0 = time.perf_counter()
         result = L.landscape_1d(logits_fn, params, state, x, y, key_1d, cfg, directions, done=done,
                                 on_unit=lambda unit, v: part_1d.save(unit, **_arrays(v)), progress=bar.update)
-        result.update(config=dataclasses.asdict(cfg), seed=args.seed, epoch=loaded_run.epoch, use_ema=args.use_ema,
-                      seconds=time.perf_counter() - t0, fingerprint=fp_1d, resumed_units=sorted(done))
+        result.update(config=dataclasses.asdict(cfg), seed=args.seed, epoch=loaded_run.epoch,
+                      use_ema=args.weights == "ema", seconds=time.perf_counter() - t0, fingerprint=fp_1d,
+                      resumed_units=sorted(done))
         if names is not None:
             k_pgd, k1, k2 = jax.random.split(key_2d, 3)
             lazy = [lambda kind=kind, k=k: L.Directions(kind, logits_fn, params, state, x, y, k, cfg, 1)[0]

@@ -2,7 +2,8 @@
 ``python -m experiments.robust_loss --run-dir RUN --snapshot N|best|last``.
 
     python -m experiments.robust_loss --run-dir RUN [--snapshot last] [--subset test_first1000] [--n-examples 1000]
-        [--pgd-steps 20] [--restarts 10] [--eps 8/255] [--batch-size 256] [--seed 0] [--data-dir D] [--use-ema]
+        [--pgd-steps 20] [--restarts 10] [--eps 8/255] [--batch-size 256] [--seed 0] [--data-dir D]
+        [--weights params|ema]
 
 RLoss is the cross-entropy at the PGD adversarial example (with restarts, the worst restart per example); RErr counts
 an example as wrong when the clean or the adversarial input is misclassified. The paper uses PGD-20 with 10 restarts
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--use-ema", action="store_true", help="evaluate the weight-averaged parameters")
+    p.add_argument("--weights", default="params", choices=("params", "ema"),
+                   help="the trained weights (default) or their average (ema) with its own batch-norm statistics")
     p.add_argument("--name", default=None, help="output file name (without .json)")
     p.add_argument("--fresh", action="store_true", help="recompute a finished result")
     return p
@@ -52,7 +54,7 @@ def output_name(args, epoch: int) -> str:
     from robust_flat.runs import snapshot_tag
 
     return (f"rloss_pgd{args.pgd_steps}x{args.restarts}_{args.subset}_n{args.n_examples}_"
-            f"{snapshot_tag(args.snapshot, epoch)}{'_ema' if args.use_ema else ''}")
+            f"{snapshot_tag(args.snapshot, epoch)}{'_ema' if args.weights == 'ema' else ''}")
 
 
 def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = None,
@@ -72,21 +74,19 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
         parser.error(str(e))
     if min(args.n_examples, args.pgd_steps, args.restarts, args.batch_size) < 1:
         parser.error("--n-examples, --pgd-steps, --restarts and --batch-size must be >= 1")
-    if args.snapshot not in ("best", "last") and not args.snapshot.isdigit():
-        parser.error(f"--snapshot must be an epoch number, 'best' or 'last', got {args.snapshot!r}")
+    from robust_flat.runs import check_snapshot, select_weights
+
+    try:
+        snapshot = check_snapshot(args.snapshot)
+    except ValueError as e:
+        parser.error(str(e))
     attack = PGDConfig(eps=eps, step_size=0.007 * eps / PAPER_EPS, steps=args.pgd_steps, restarts=args.restarts)
 
     if load_eval_set is None:
         from robust_flat.data import load_eval_set
     if load_run is None:
         from robust_flat.runs import load_run
-    loaded = load_checked(load_run, args.run_dir,
-                          args.snapshot if args.snapshot in ("best", "last") else int(args.snapshot))
-    params = loaded.params
-    if args.use_ema:
-        if loaded.ema_params is None:
-            raise ValueError("--use-ema: this run has no weight-averaged parameters")
-        params = loaded.ema_params
+    loaded = select_weights(load_checked(load_run, args.run_dir, snapshot), args.weights)
     x, y = load_eval_set(loaded.config, args.subset, args.data_dir)
     if args.n_examples > len(x):
         raise ValueError(f"--n-examples {args.n_examples} but subset {args.subset} has only {len(x)} examples")
@@ -94,7 +94,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
 
     payload = {"attack": [eps, attack.step_size, attack.steps, attack.restarts], "seed": args.seed,
                "subset": args.subset, "n": len(x), "epoch": loaded.epoch, "step": loaded.step,
-               "ema": args.use_ema, "labels": hashlib.sha256(y.tobytes()).hexdigest()[:12]}
+               "ema": args.weights == "ema", "labels": hashlib.sha256(y.tobytes()).hexdigest()[:12]}
     fp = fingerprint(payload)
     path = os.path.join(args.run_dir, "evaluations", output_name(args, loaded.epoch) + ".json")
     previous = None if args.fresh else finished_result(path, fp)
@@ -108,10 +108,10 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     from robust_flat.training.monitor import evaluate
 
     t0 = time.time()
-    res = evaluate(make_logits_fn(loaded.model), params, loaded.model_state, x, y, jax.random.PRNGKey(args.seed),
+    res = evaluate(make_logits_fn(loaded.model), loaded.params, loaded.model_state, x, y, jax.random.PRNGKey(args.seed),
                    attack, args.batch_size)
     out = {"kind": "robust_loss", "subset": args.subset, "n": len(x), "epoch": loaded.epoch, "step": loaded.step,
-           "snapshot": args.snapshot, "use_ema": args.use_ema, "seed": args.seed,
+           "snapshot": args.snapshot, "use_ema": args.weights == "ema", "seed": args.seed,
            "clean_loss": res["loss"], "clean_error": res["error"], "robust_loss": res["robust_loss"],
            "robust_error": res["robust_error"],
            "attack": {"name": "pgd", "steps": attack.steps, "restarts": attack.restarts, "eps": eps,

@@ -1,9 +1,18 @@
-"""Per-epoch monitoring: clean and robust loss/error of a model on fixed example sets (eval-mode BN), and what the
-per-epoch evaluation costs relative to an epoch of training (:func:`eval_cost`)."""
+"""Per-epoch monitoring: clean and robust loss/error of a model on fixed example sets (eval-mode BN), the trainer's
+evaluators (:func:`make_evaluators`), and what the per-epoch evaluation costs relative to an epoch of training
+(:func:`eval_cost`).
+
+Evaluators, in the style of big_vision's: each has a name, a :class:`Schedule` (every N epochs and/or after the
+last), ``run(state, epoch, progress) -> metrics`` and the prefix its metrics get in ``RUN/metrics.jsonl``. The
+trainer's step loop runs the ones that are due at an epoch end and records their metrics; which model an evaluator
+sees is a :data:`robust_flat.runs.WEIGHTS` name (the averaged weights' evaluators are the raw ones' with ``ema_``
+in front of name and prefix).
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +59,104 @@ def evaluate(logits_fn, params, model_state, x: np.ndarray, y: np.ndarray, key, 
     return {k: float(v) / n for k, v in totals.items()}
 
 
+# ------------------------------------------------------------------------------------------------ evaluators
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When something runs at an epoch end: every ``every`` epochs (0: never on that account) and, with ``at_end``,
+    after the last epoch."""
+
+    every: int = 1
+    at_end: bool = True
+
+    def due(self, epoch: int, last: bool) -> bool:
+        return (self.every > 0 and epoch % self.every == 0) or (last and self.at_end)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """``run(state, epoch, progress) -> metrics`` (``progress(n)`` after each batch of ``n`` images); the metrics
+    named in ``keys`` (all if ``None``) are recorded as ``prefix + name``. ``images``: how many images one run
+    attacks (for the progress bar); ``label``: what the progress bar says."""
+
+    name: str
+    prefix: str
+    schedule: Schedule
+    run: Callable[[Any, int, Optional[Callable[[int], None]]], dict]
+    images: int = 0
+    label: str = ""
+    keys: Optional[tuple] = None
+
+    def record(self, metrics: dict) -> dict:
+        return {self.prefix + k: v for k, v in metrics.items() if self.keys is None or k in self.keys}
+
+
+def eval_key(config, epoch: int):
+    """The key of every evaluation at the end of ``epoch`` (the same for all evaluators: paired comparisons)."""
+    return jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_000 + epoch)
+
+
+def _robustness(config, logits_fn, x, y, attack: PGDConfig, which: str) -> Callable:
+    from robust_flat.runs import weights
+
+    def run(state, epoch, progress=None):
+        params, model_state = weights(state, which)
+        return evaluate(logits_fn, params, model_state, x, y, eval_key(config, epoch), attack,
+                        config.eval.batch_size, progress=progress)
+
+    return run
+
+
+def curves_evaluators(config, logits_fn, sets: dict, which: str = "params") -> list:
+    """The per-epoch curves: clean and robust (PGD-``attack.steps``, one restart) loss and error on each non-empty
+    set of ``sets`` (``{"train": (x, y), "test": (x, y)}``, float images), every epoch, as ``<set>_<metric>``."""
+    from robust_flat.training.pgd_at import attack_config
+
+    attack = attack_config(config, steps=config.attack.steps, restarts=1)
+    return [Evaluator(name=name, prefix=f"{name}_", schedule=Schedule(1), images=len(x),
+                      run=_robustness(config, logits_fn, x, y, attack, which),
+                      label=f"eval {name} (PGD-{config.attack.steps})")
+            for name, (x, y) in sets.items() if len(x)]
+
+
+def early_stopping_evaluators(config, logits_fn, es_set, which: str = "params") -> list:
+    """The paper's early stopping: robust error on the last 500 test images (``es_set``) with PGD-``eval.es_steps``
+    and ``eval.es_restarts`` restarts, at every snapshot epoch and after the last, as ``es_robust_error`` (the
+    trainer keeps the best epoch). None if ``eval.early_stopping`` is off or the set is empty."""
+    from robust_flat.training.pgd_at import attack_config
+
+    x, y = es_set
+    if not (config.eval.early_stopping and len(x)):
+        return []
+    attack = attack_config(config, steps=config.eval.es_steps, restarts=config.eval.es_restarts)
+    return [Evaluator(name="es", prefix="es_", schedule=Schedule(config.checkpoint.snapshot_every), images=len(x),
+                      run=_robustness(config, logits_fn, x, y, attack, which), keys=("robust_error",),
+                      label=f"early stopping (PGD-{config.eval.es_steps} x {config.eval.es_restarts})")]
+
+
+# The evaluators a config gets, by name, in the order they run (big_vision-style registry): each factory takes
+# (config, logits_fn, data, which) with data = {"curves": {"train": (x, y), "test": (x, y)}, "es": (x, y)}.
+EVALUATORS: dict[str, Callable[..., list]] = {
+    "curves": lambda config, logits_fn, data, which: curves_evaluators(config, logits_fn, data["curves"], which),
+    "early_stopping": lambda config, logits_fn, data, which: early_stopping_evaluators(config, logits_fn,
+                                                                                       data["es"], which),
+}
+
+
+def make_evaluators(config, logits_fn, data: dict) -> list:
+    """Every evaluator of a run: those of :data:`EVALUATORS` on the trained weights, then, with weight averaging
+    (``ema.enabled``), the same on the averaged weights (names and prefixes ``ema_...``: ``ema_test_robust_loss``,
+    ``ema_es_robust_error``)."""
+    out = []
+    for which in ("params", "ema") if config.ema.enabled else ("params",):
+        for factory in EVALUATORS.values():
+            for ev in factory(config, logits_fn, data, which):
+                if which == "ema":
+                    ev = dataclasses.replace(ev, name="ema_" + ev.name, prefix="ema_" + ev.prefix,
+                                             label="EMA " + ev.label)
+                out.append(ev)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ cost model
 # Training images of the datasets whose size a config does not state (test images second).
 DATASET_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "svhn": (73257, 26032)}
@@ -89,10 +196,13 @@ def eval_cost(config, n_train: Optional[int] = None, n_test: Optional[int] = Non
     * the per-epoch curves: ``eval.n_examples`` training and as many test images (fewer if the data has fewer), each
       with PGD-``attack.steps`` (``attack.steps + 1`` passes: the attack plus the clean and adversarial forwards);
     * early stopping (if ``eval.early_stopping``): the last 500 test images with ``eval.es_restarts`` restarts of
-      PGD-``eval.es_steps``, only at snapshot epochs, so it counts ``1 / checkpoint.snapshot_every`` per epoch.
+      PGD-``eval.es_steps``, only at snapshot epochs, so it counts ``1 / checkpoint.snapshot_every`` per epoch;
+    * weight averaging (if ``ema.enabled``): curves and early stopping once more for the averaged weights, and the
+      recalibration of their batch-norm statistics (``ema.bn_batches`` forwards of ``train.batch_size`` images, a
+      forward counted as half a pass) as ``ema_bn``.
 
-    ``n_train``/``n_test``: the dataset's sizes (default: :func:`dataset_sizes`). Returns the three costs per epoch
-    and ``ratio`` = (curves + early stopping) / epoch.
+    ``n_train``/``n_test``: the dataset's sizes (default: :func:`dataset_sizes`). Returns the costs per epoch and
+    ``ratio`` = (curves + early stopping + ema_bn) / epoch.
     """
     if n_train is None or n_test is None:
         sizes = dataset_sizes(config)
@@ -106,5 +216,15 @@ def eval_cost(config, n_train: Optional[int] = None, n_test: Optional[int] = Non
     if config.eval.early_stopping:
         es = (min(ES_EXAMPLES, n_test) * int(config.eval.es_restarts) * (int(config.eval.es_steps) + 1)
               / max(int(config.checkpoint.snapshot_every), 1))
-    return {"train": float(train), "curves": float(curves), "early_stopping": float(es),
-            "ratio": (curves + es) / train if train else float("inf")}
+    ema_bn = 0.0
+    if config.ema.enabled:
+        curves, es = 2 * curves, 2 * es
+        ema_bn = 0.5 * bn_batches(config, n_train) * int(config.train.batch_size)
+    return {"train": float(train), "curves": float(curves), "early_stopping": float(es), "ema_bn": float(ema_bn),
+            "ratio": (curves + es + ema_bn) / train if train else float("inf")}
+
+
+def bn_batches(config, n_train: int) -> int:
+    """Batches of ``train.batch_size`` training images that re-estimate the averaged weights' batch-norm statistics:
+    ``ema.bn_batches``, or with 0 one pass over the training data (the released code's one epoch)."""
+    return int(config.ema.get("bn_batches", 0)) or n_train // int(config.train.batch_size)

@@ -7,6 +7,7 @@ baseline trains on 100% adversarial batches (``fraction=1``); ``fraction=0.5`` i
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,16 +16,22 @@ from robust_flat.attacks.pgd import PGDConfig, pgd
 from robust_flat.training.update import prepare_images, step_options, supervised_update
 
 
-def attack_config(config) -> PGDConfig:
+def attack_config(config, steps: Optional[int] = None, restarts: Optional[int] = None) -> PGDConfig:
     """The training attack of every adversarial method, from the ``attack`` block: the one translation from config
     to attack. ``eps`` and ``step_size`` are taken as given, independently: the paper's larger-eps models (9/255,
     experiments/configs/larger_eps.py) keep the step 0.007 of the 8/255 recipe, as the released code's registry does
     (its eps variants 0.0235 ... 0.0352 all use ``lr0007``); ``--config.attack.step_size`` sets another. The
     evaluation attacks (experiments/evaluate.py, robust_loss.py, flatness.py) take their own ``--eps`` (8/255).
-    ``attack.tau`` >= 0 selects PGD-tau (-1: plain PGD)."""
+    ``attack.tau`` >= 0 selects PGD-tau (-1: plain PGD).
+
+    With ``steps`` and/or ``restarts`` it is the trainer's evaluation attack of the same block (per-epoch curves:
+    ``attack.steps`` x 1 restart; early stopping: ``eval.es_steps`` x ``eval.es_restarts``): plain PGD (no
+    PGD-tau), eps, step size, norm and init as in training."""
     a = config.attack
-    return PGDConfig(eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm, init=a.init,
-                     restarts=a.restarts, unroll=a.unroll, tau=None if a.tau < 0 else int(a.tau))
+    evaluation = steps is not None or restarts is not None
+    return PGDConfig(eps=a.eps, step_size=a.step_size, steps=a.steps if steps is None else int(steps), norm=a.norm,
+                     init=a.init, restarts=a.restarts if restarts is None else int(restarts), unroll=a.unroll,
+                     tau=None if evaluation or a.tau < 0 else int(a.tau))
 
 
 def adversarial_batch(state, x, y, key, *, apply_fn, attack: PGDConfig, fraction: float):

@@ -11,12 +11,18 @@ A method only supplies ``make_step(config, apply_fn, tx) -> step(state, batch, r
 * one writer per run directory (:mod:`robust_flat.run_lock`); a second job on it is refused;
 * Ctrl-C / SIGTERM: finish the current step, save, exit with status 130 / 143;
 * a NaN or inf loss stops the run with an error naming the step; the last good checkpoint is kept;
-* snapshots every ``snapshot_every`` epochs; the best epoch by robust test error on the last 500 test images
-  (PGD-7, 5 restarts: the paper's early stopping);
-* per-epoch clean and robust loss/error on train and test subsets -> ``RUN/metrics.jsonl`` (with a progress bar;
-  the START line gives its cost relative to an epoch, :func:`robust_flat.training.monitor.eval_cost`), and their
-  curves -> ``RUN/curves.png`` (:mod:`robust_flat.curves`, rewritten every epoch; a plotting error is logged once
-  and never stops the run);
+* a step loop plus evaluators (:func:`robust_flat.training.monitor.make_evaluators`), each with its own schedule:
+  per-epoch clean and robust loss/error on train and test subsets, and robust test error on the last 500 test
+  images (PGD-7, 5 restarts: the paper's early stopping) at snapshot epochs, whose best epoch is kept as the
+  ``best`` checkpoint; their metrics -> ``RUN/metrics.jsonl`` (with a progress bar; the START line gives their
+  cost relative to an epoch, :func:`robust_flat.training.monitor.eval_cost`), and curves -> ``RUN/curves.png``
+  (:mod:`robust_flat.curves`, rewritten every epoch; a plotting error is logged once and never stops the run);
+* snapshots every ``snapshot_every`` epochs and after the last (a :class:`~robust_flat.training.monitor.Schedule`);
+* weight averaging (``ema.enabled``): at every epoch end the averaged weights get batch-norm statistics of their
+  own (:func:`robust_flat.training.averaging.recalibrate`, stored in the state, so in every checkpoint) and are
+  evaluated like the raw ones (``ema_train_*``, ``ema_test_*``, ``ema_es_robust_error``); their own best epoch by
+  early stopping is ``best_ema_epoch`` in the checkpoint metadata (``load_run(run, "best_ema")`` loads that
+  epoch's snapshot; no separate checkpoint);
 * data parallelism over all devices with ``jax.sharding`` (batch split on a ``data`` mesh axis), also across the
   processes of a multi-host run (:mod:`robust_flat.distributed`): each process gathers only its devices' rows of
   every batch, process 0 alone writes the log, metrics and config, and orbax writes each checkpoint once.
@@ -39,11 +45,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from robust_flat import data as data_lib
 from robust_flat import distributed, models, xla
 from robust_flat.io import atomic_write_text
-from robust_flat.attacks.pgd import PGDConfig
 from robust_flat.checkpoint import Checkpointer
 from robust_flat.run_lock import RunLock, RunLocked
 from robust_flat.training import make_step
-from robust_flat.training.monitor import eval_cost, evaluate
+from robust_flat.training.averaging import recalibrate
+from robust_flat.training.monitor import Schedule, bn_batches, eval_cost, make_evaluators
 from robust_flat.runs import build
 from robust_flat.training.state import TrainState
 
@@ -200,15 +206,11 @@ def _write_curves(run_dir: str, log, warned: list) -> None:
 def _eval_cost_text(config, n_train: int, n_test: int) -> str:
     cost = eval_cost(config, n_train, n_test)
     text = f"per-epoch evaluation ~{cost['ratio']:.2f} x an epoch's cost"
+    if cost["ema_bn"]:
+        text += f" (weight averaging: its own evaluations and batch-norm recalibration included)"
     if cost["ratio"] > 0.25:
         text += " (over 0.25: lower eval.n_examples or eval.es_restarts, or raise checkpoint.snapshot_every)"
     return text
-
-
-def _eval_attack(config, steps=None, restarts=1) -> PGDConfig:
-    a = config.attack
-    return PGDConfig(eps=a.eps, step_size=a.step_size, steps=a.steps if steps is None else steps, norm=a.norm,
-                     init=a.init, restarts=restarts, unroll=a.unroll)
 
 
 # The jitted train steps of this process, by config (tests and notebooks train several runs of one config in one
@@ -287,10 +289,16 @@ def _train(config, run_dir: str, progress: bool, primary: bool) -> TrainState:
     repl, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     rows = distributed.process_rows(sharded, bs)
     jstep = _jitted_step(config, model, tx, steps_per_epoch, mesh)
+    ema = bool(config.ema.enabled)
+    if ema and config.train.batch_size % n_dev:
+        raise TrainingError(f"weight averaging recalibrates batch-norm statistics on batches of train.batch_size "
+                            f"({config.train.batch_size}), which is not divisible by the {n_dev} devices")
 
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep_latest=config.checkpoint.keep_latest)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     meta = {"best_robust_error": None, "best_epoch": None}
+    if ema:  # the averaged weights' own early-stopping choice, and the step their statistics were recalibrated at
+        meta.update(best_ema_robust_error=None, best_ema_epoch=None, ema_bn_step=0)
     input_shape = [int(d) for d in x_train.shape[1:]]  # stored with every checkpoint: loading needs no data
     n_saves = [0]
 
@@ -303,7 +311,8 @@ def _train(config, run_dir: str, progress: bool, primary: bool) -> TrainState:
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
         n_saves[0] += 1
-        ckpt.save(which, at, state, {**save_meta, "input_shape": input_shape})
+        ckpt.save(which, at, state, {**save_meta, "input_shape": input_shape,
+                                     **({"ema_bn_step": meta.get("ema_bn_step", 0)} if ema else {})})
 
     # replicated before the first save or restore: multi-host, orbax then writes each array once (from process 0)
     # and every process restores the same values; device_get gives device_put host arrays, equal on all processes
@@ -334,10 +343,26 @@ def _train(config, run_dir: str, progress: bool, primary: bool) -> TrainState:
         running = {"sums": {}, "count": 0}
 
     es_x, es_y = data_lib.subset(x_test, y_test, "test_last500")
-    es_x = es_x.astype(np.float32) / 255.0
     n_eval = config.eval.n_examples
-    eval_sets = {"train": (x_train[:n_eval].astype(np.float32) / 255.0, y_train[:n_eval]),
-                 "test": (x_test[:n_eval].astype(np.float32) / 255.0, y_test[:n_eval])}
+    evaluators = make_evaluators(config, logits_fn, {
+        "curves": {"train": (x_train[:n_eval].astype(np.float32) / 255.0, y_train[:n_eval]),
+                   "test": (x_test[:n_eval].astype(np.float32) / 255.0, y_test[:n_eval])},
+        "es": (es_x.astype(np.float32) / 255.0, es_y)})
+    snapshots = Schedule(config.checkpoint.snapshot_every)
+    apply_fn = models.make_apply_fn(model)
+    bn_rows = distributed.process_rows(sharded, config.train.batch_size) if ema else None
+
+    def recalibrated(state, epoch: int):
+        """The averaged weights' batch-norm statistics after ``epoch``: :func:`recalibrate` on ``bn_batches`` clean
+        training batches of ``train.batch_size``, the data order of epoch ``epoch`` (and on) at that batch size."""
+        bs1, per_epoch = config.train.batch_size, len(x_train) // config.train.batch_size
+        batches = (distributed.global_batch(
+            lambda r, i=i: data_lib.train_batch(x_train, y_train, config.seed, (epoch - 1) * per_epoch + i, bs1,
+                                                rows=r), sharded, bs1, bn_rows)
+            for i in range(bn_batches(config, len(x_train))))
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2_000_000 + epoch)
+        stats = recalibrate(apply_fn, state.ema_params, state.ema_model_state, batches, key, config.data.augment)
+        return state.replace(ema_model_state=jax.device_put(stats, repl))
 
     stop = {"signum": None}
 
@@ -389,38 +414,39 @@ def _train(config, run_dir: str, progress: bool, primary: bool) -> TrainState:
                 record = {"epoch": epoch, "step": step, "time_s": round(time.time() - t_epoch, 2),
                           "images_per_s": round(local * bs / max(time.time() - t_epoch, 1e-9), 1),
                           **{k: v / count for k, v in sums.items()}}
-                key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_000 + epoch)
-                is_snapshot = epoch % config.checkpoint.snapshot_every == 0 or step == total
-                early_stop = is_snapshot and config.eval.early_stopping and len(es_x)
+                last = step == total
                 t_eval = time.time()
-                ebar = tqdm(total=sum(len(ex) for ex, _ in eval_sets.values()) + (len(es_x) if early_stop else 0),
-                            unit="img", leave=False, disable=not (progress and primary), dynamic_ncols=True,
-                            file=sys.stdout)
-                for name, (ex, ey) in eval_sets.items():
-                    if len(ex):
-                        ebar.set_description(f"epoch {epoch} eval {name} (PGD-{config.attack.steps})")
-                        res = evaluate(logits_fn, state.params, state.model_state, ex, ey, key, _eval_attack(config),
-                                       config.eval.batch_size, progress=ebar.update)
-                        evals = {f"{name}_{k}": v for k, v in res.items()}
-                        if set(evals) & set(sums):  # a step metric must never be overwritten by an evaluation
-                            raise TrainingError(f"metric names collide: {sorted(set(evals) & set(sums))}")
-                        record.update(evals)
-                if early_stop:
-                    ebar.set_description(f"epoch {epoch} early stopping (PGD-{config.eval.es_steps} x "
-                                         f"{config.eval.es_restarts})")
-                    res = evaluate(logits_fn, state.params, state.model_state, es_x, es_y, key,
-                                   _eval_attack(config, config.eval.es_steps, config.eval.es_restarts),
-                                   config.eval.batch_size, progress=ebar.update)
-                    record["es_robust_error"] = res["robust_error"]
-                    if meta.get("best_robust_error") is None or res["robust_error"] < meta["best_robust_error"]:
-                        meta.update(best_robust_error=res["robust_error"], best_epoch=epoch)
-                        save("best", epoch, state, {"epoch": epoch, "step": step, **res})
+                if ema:
+                    state = recalibrated(state, epoch)
+                    meta["ema_bn_step"] = step
+                due = [ev for ev in evaluators if ev.schedule.due(epoch, last)]
+                ebar = tqdm(total=sum(ev.images for ev in due), unit="img", leave=False,
+                            disable=not (progress and primary), dynamic_ncols=True, file=sys.stdout)
+                results = {}
+                for ev in due:
+                    ebar.set_description(f"epoch {epoch} {ev.label}")
+                    results[ev.name] = ev.run(state, epoch, ebar.update)
+                    evals = ev.record(results[ev.name])
+                    if set(evals) & set(record):  # a step metric must never be overwritten by an evaluation
+                        raise TrainingError(f"metric names collide: {sorted(set(evals) & set(record))}")
+                    record.update(evals)
                 ebar.close()
+                # early stopping: the raw weights' best epoch is the "best" checkpoint (written first of the
+                # epoch-end writes); the averaged weights' best is only recorded (its snapshot holds them)
+                res = results.get("es")
+                if res is not None and (meta.get("best_robust_error") is None
+                                        or res["robust_error"] < meta["best_robust_error"]):
+                    meta.update(best_robust_error=res["robust_error"], best_epoch=epoch)
+                    save("best", epoch, state, {"epoch": epoch, "step": step, **res})
+                res = results.get("ema_es")
+                if res is not None and (meta.get("best_ema_robust_error") is None
+                                        or res["robust_error"] < meta["best_ema_robust_error"]):
+                    meta.update(best_ema_robust_error=res["robust_error"], best_ema_epoch=epoch)
                 t_eval = time.time() - t_eval
                 if primary:
                     _append_jsonl(metrics_path, record)
                     _write_curves(run_dir, log, curves_warned)
-                if is_snapshot:
+                if snapshots.due(epoch, last):
                     save("snapshots", epoch, state, {"epoch": epoch, "step": step})
                 log(f"epoch {epoch}/{config.train.epochs}: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in record.items()
@@ -435,7 +461,9 @@ def _train(config, run_dir: str, progress: bool, primary: bool) -> TrainState:
             if stop["signum"] is not None:
                 raise Interrupted(stop["signum"])
         log(f"DONE: {total} steps; best epoch by early stopping: {meta.get('best_epoch')} "
-            f"(robust error {meta.get('best_robust_error')})")
+            f"(robust error {meta.get('best_robust_error')})"
+            + (f"; of the averaged weights: {meta.get('best_ema_epoch')} (robust error "
+               f"{meta.get('best_ema_robust_error')})" if ema else ""))
     except Interrupted as e:
         if ckpt.latest_step() != step:  # not yet saved at this step (a signal during a checkpoint step)
             save("latest", step, state, checkpoint_meta())
