@@ -76,6 +76,24 @@ def test_recalibrated_statistics_equal_a_fresh_pass_computed_independently():
     assert recalibrate(apply_fn, params, {}, batches, jax.random.PRNGKey(1)) == {}  # no batch norm: nothing to do
 
 
+def test_ema_config_bn_batches_is_checked_and_counted_in_the_evaluation_cost():
+    from experiments.configs import ema as ema_config
+    from robust_flat.training.config_check import check_config
+    from robust_flat.training.monitor import bn_batches, eval_cost
+
+    c = ema_config.get_config("cpu")  # 10,000 training images, batch 128
+    assert c.ema.enabled and c.ema.decay == 0.9975 and check_config(c) == []
+    plain = pgd_at_config.get_config("cpu")
+    with_ema, without = eval_cost(c), eval_cost(plain)
+    assert bn_batches(c, 10000) == 78  # 0: one pass over the training data
+    assert with_ema["curves"] == 2 * without["curves"] and with_ema["early_stopping"] == 2 * without["early_stopping"]
+    assert with_ema["ema_bn"] == 0.5 * 78 * 128 and without["ema_bn"] == 0.0
+    c.ema.bn_batches = 200
+    assert bn_batches(c, 10000) == 200 and eval_cost(c)["ema_bn"] == 0.5 * 200 * 128
+    c.ema.bn_batches = -1
+    assert check_config(c) == ["ema.bn_batches must be an integer >= 0 (0: one pass over the training data), got -1"]
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 def _config(decay=0.0):
     c = pgd_at_config.get_config("tiny")

@@ -79,7 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
         tau=-1,              # PGD-tau: stop tau iterations after the label flipped (paper: 0, 1, 2, 3); -1: plain PGD
     ))
 
-    c.ema = ml_collections.ConfigDict(dict(enabled=False, decay=0.9975))
+    # weight averaging: tau (paper: 0.98, 0.985, 0.99, 0.9975); the average's batch-norm statistics are re-estimated at
+    # every epoch end on bn_batches training batches (0: one pass, the released code's; docs/paper-vs-code.md#ema-bn)
+    c.ema = ml_collections.ConfigDict(dict(enabled=False, decay=0.9975, bn_batches=0))
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, snapshot_every=5, keep_latest=2))
 

@@ -173,6 +173,7 @@ def check_config(config) -> list[str]:
     # weight averaging, checkpoints, evaluation
     rule("ema.enabled", boolean, "true or false")
     rule("ema.decay", real(0.0, 1.0, hi_open=True), "a number in [0, 1)")
+    rule("ema.bn_batches", integer(0), "an integer >= 0 (0: one pass over the training data)", optional=True)
     rule("checkpoint.every_steps", integer(1), "an integer >= 1")
     rule("checkpoint.snapshot_every", integer(1), "an integer >= 1 (epochs)")
     rule("checkpoint.keep_latest", integer(1), "an integer >= 1")
