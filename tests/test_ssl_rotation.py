@@ -5,6 +5,7 @@ inputs, batch 8."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from tests.toy_task import _he_init, make_data
 
 SIZE, B = 8, 8
 ATTACK = PGDConfig(init="zero", steps=2)
+TX = optax.sgd(1.0)
 
 
 def _setup(seed=0):
@@ -37,9 +39,11 @@ def _setup(seed=0):
     return model, make_apply_fn(model), params, model_state, batch
 
 
-def _ssl_step(apply_fn, lam, attack=ATTACK):
-    return xla.jit(lambda s, b, k: ssl_rotation.train_step(s, b, k, apply_fn=apply_fn, tx=optax.sgd(1.0),
-                                                           attack=attack, lam=lam, augment=False))
+@functools.lru_cache(maxsize=None)
+def _ssl_step(apply_fn, attack=ATTACK):
+    """``(state, batch, rng, lam) -> (state, metrics)`` with SGD(lr=1); lambda is traced (one compile)."""
+    return xla.jit(lambda s, b, k, lam: ssl_rotation.train_step(s, b, k, apply_fn=apply_fn, tx=TX, attack=attack,
+                                                                lam=lam, augment=False))
 
 
 def _max_diff(a, b):
@@ -62,8 +66,8 @@ def test_the_step_trains_the_head_on_all_four_rotations_with_their_labels():
     the head's train-mode cross-entropy and error on them against labels 0..3, and a wrong label order would not
     give them."""
     model, apply_fn, params, model_state, batch = _setup()
-    state = create_train_state(params, model_state, optax.sgd(1.0), jax.random.PRNGKey(0))
-    _, metrics = _ssl_step(apply_fn, 1.0, PGDConfig(init="zero", steps=0))(state, batch, jax.random.PRNGKey(2))
+    state = create_train_state(params, model_state, TX, jax.random.PRNGKey(0))
+    _, metrics = _ssl_step(apply_fn, PGDConfig(init="zero", steps=0))(state, batch, jax.random.PRNGKey(2), 1.0)
     x = batch["image"].astype(jnp.float32) / 255.0
     rotated = np.concatenate([np.rot90(np.asarray(x), k, axes=(1, 2)) for k in range(4)])  # rotation-major
     labels = np.repeat(np.arange(4), B)
@@ -81,12 +85,12 @@ def test_the_step_trains_the_head_on_all_four_rotations_with_their_labels():
 
 def test_lambda_zero_is_the_pgd_at_step_and_the_head_keeps_its_own_statistics():
     model, apply_fn, params, model_state, batch = _setup()
-    state = create_train_state(params, model_state, optax.sgd(1.0), jax.random.PRNGKey(0))
+    state = create_train_state(params, model_state, TX, jax.random.PRNGKey(0))
     rng = jax.random.PRNGKey(3)
-    at = xla.jit(lambda s, b, k: pgd_at.train_step(s, b, k, apply_fn=apply_fn, tx=optax.sgd(1.0), attack=ATTACK,
+    at = xla.jit(lambda s, b, k: pgd_at.train_step(s, b, k, apply_fn=apply_fn, tx=TX, attack=ATTACK,
                                                    augment=False))
     at_state, _ = at(state, batch, rng)
-    zero_state, metrics = _ssl_step(apply_fn, 0.0)(state, batch, rng)
+    zero_state, metrics = _ssl_step(apply_fn)(state, batch, rng, 0.0)
     assert float(metrics["batch_rotation_loss"]) > 0
     for a, b in zip(jax.tree.leaves(zero_state.params), jax.tree.leaves(at_state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)  # XLA fusion order
@@ -97,9 +101,16 @@ def test_lambda_zero_is_the_pgd_at_step_and_the_head_keeps_its_own_statistics():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert _max_diff(stats[AUX_HEAD_NAME], model_state["batch_stats"][AUX_HEAD_NAME]) > 1e-4  # the rotation pass's
     assert _max_diff(at_stats[AUX_HEAD_NAME], model_state["batch_stats"][AUX_HEAD_NAME]) == 0
-    trained, _ = _ssl_step(apply_fn, 4.0)(state, batch, rng)  # lambda > 0 moves the backbone differently
+    # lambda = 4 (the config's): one step trains backbone and head, and the backbone differently from PGD-AT
+    trained, metrics = _ssl_step(apply_fn)(state, batch, rng, 4.0)
+    assert int(trained.step) == 1 and all(np.isfinite(float(v)) for v in metrics.values())
+    assert {"batch_loss", "batch_error", "batch_rotation_loss", "batch_rotation_error"} <= set(metrics)
     assert _max_diff({k: v for k, v in trained.params.items() if k != AUX_HEAD_NAME},
                      {k: v for k, v in at_state.params.items() if k != AUX_HEAD_NAME}) > 1e-4
+    for part in (AUX_HEAD_NAME, "conv1"):
+        assert _max_diff(trained.params[part], params[part]) > 1e-4, part
+    for part in (AUX_HEAD_NAME, "norm1"):
+        assert _max_diff(trained.model_state["batch_stats"][part], model_state["batch_stats"][part]) > 1e-4, part
 
 
 def test_the_head_is_outside_the_classifier_flatness_hessian_and_the_run_state():
@@ -137,24 +148,16 @@ def test_the_head_is_outside_the_classifier_flatness_hessian_and_the_run_state()
     assert shapes.params[AUX_HEAD_NAME]["dense1"]["kernel"].shape == (128, 256)  # small CNN features -> 256
 
 
-def test_config_validation_and_one_step_through_the_registry_trains_backbone_and_head():
+def test_config_validation_and_the_registry_step():
     config = ssl_config.get_config("tiny")
     assert check_config(config) == [] and config.method == "ssl" and config.ssl.lam == 4.0
+    assert config.model.rotation_head == 256
     bad = ssl_config.get_config("tiny")
     bad.ssl.lam, bad.model.rotation_head = -1.0, 0
     assert check_config(bad) == ["ssl.lam must be a number >= 0 (paper: 0.5 to 8), got -1.0",
                                  "model.rotation_head must be an integer >= 1 (the rotation head's hidden width, "
                                  "e.g. 256), got 0"]
     config.attack.steps = 1
-    model, apply_fn, params, model_state, batch = _setup()
-    tx = optax.sgd(0.01)
-    state = create_train_state(params, model_state, tx, jax.random.PRNGKey(0))
-    new_state, metrics = xla.jit(make_step(config, apply_fn, tx))(state, batch, jax.random.PRNGKey(1))
-    assert int(new_state.step) == 1 and all(np.isfinite(float(v)) for v in metrics.values())
-    assert {"batch_loss", "batch_error", "batch_rotation_loss", "batch_rotation_error"} <= set(metrics)
-    for tree in ("params", "model_state"):
-        new, old = getattr(new_state, tree), getattr(state, tree)
-        if tree == "model_state":
-            new, old = new["batch_stats"], old["batch_stats"]
-        for part in (AUX_HEAD_NAME, "conv1" if tree == "params" else "norm1"):
-            assert _max_diff(new[part], old[part]) > 0, (tree, part)
+    step = make_step(config, _setup()[1], optax.sgd(0.01))  # the step the tests above run, with the config's options
+    assert step.func is ssl_rotation.train_step and step.keywords["attack"].steps == 1
+    assert step.keywords["lam"] == 4.0 and step.keywords["fraction"] == 1.0
