@@ -83,7 +83,8 @@ def test_ema_config_bn_batches_is_checked_and_counted_in_the_evaluation_cost():
 
     c = ema_config.get_config("cpu")  # 10,000 training images, batch 128
     assert c.ema.enabled and c.ema.decay == 0.9975 and check_config(c) == []
-    plain = pgd_at_config.get_config("cpu")
+    plain = ema_config.get_config("cpu")
+    plain.ema.enabled = False  # the same evaluation settings, one model
     with_ema, without = eval_cost(c), eval_cost(plain)
     assert bn_batches(c, 10000) == 78  # 0: one pass over the training data
     assert with_ema["curves"] == 2 * without["curves"] and with_ema["early_stopping"] == 2 * without["early_stopping"]
