@@ -7,7 +7,7 @@
    (``--channels 16,32 --hidden 64`` by default: the SmallCNN architecture at half width, so that the comparison fits
    a shared 2-core machine) with PGD-AT (L-inf 8/255, ``--at-steps`` steps of 2.5 eps / steps, Adam, crop + flip)
    for ``--train-seconds`` or ``--train-steps``. The weights are cached next to ``--out``.
-2. Copies the weights into an equivalent PyTorch model (``benchmarks.torch_small_cnn``) and checks that the logits
+2. Copies the weights into an equivalent PyTorch model (``robust_flat.torch_twins``) and checks that the logits
    agree (max abs difference printed; expect ~1e-5).
 3. Runs AutoAttack (``--version``; ``standard`` = APGD-CE, APGD-T, FAB-T, Square) with both libraries on
    ``--n-examples`` images (a seeded random subset of the test set), same eps (``--eps``, default 8/255) and batch
@@ -105,7 +105,7 @@ def run_torch_autoattack(net, x, y, eps, version, batch_size, seed=0):
     import torch
     from pyautoattack import AutoAttack
 
-    from benchmarks.torch_small_cnn import to_nchw
+    from robust_flat.torch_twins import to_nchw
 
     handler = _Collect()
     log = logging.getLogger("auto-attack")
@@ -134,7 +134,7 @@ def time_apgd_ce(f, net, x, y, eps, rounds):
     import torch
     from pyautoattack.autopgd_base import APGDAttack
 
-    from benchmarks.torch_small_cnn import to_nchw
+    from robust_flat.torch_twins import to_nchw
 
     cfg = APGDConfig(eps=eps)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
@@ -182,7 +182,7 @@ def main(argv=None):
 
     import torch
 
-    from benchmarks.torch_small_cnn import from_flax, max_logit_difference
+    from robust_flat.torch_twins import max_logit_difference, small_cnn_from_flax
     from robust_flat.data import load_split
 
     eps = parse_eps(args.eps)
@@ -211,7 +211,7 @@ def main(argv=None):
         result["training"] = info
         del x_train, y_train
     f = bind(make_logits_fn(model), params, state)
-    net = from_flax(model, params)
+    net = small_cnn_from_flax(model, params)
     torch.manual_seed(args.seed)
 
     x_test, y_test = load_split("cifar10", "test", args.data_dir)

@@ -24,7 +24,7 @@ arch                layout            PyTorch model (state-dict names)
 ``wrn28_10``,       wrn               RobustBench ``WideResNet``: ``conv1``, ``block{1-3}.layer.{j}.bn1/conv1/bn2/
 ``wrn34_10``                          conv2/convShortcut``, ``bn1``, ``fc`` (``sub_block1.*`` is unused by its
                                       forward pass and ignored).
-(export/import)     small_cnn         ``benchmarks.torch_small_cnn.TorchSmallCNN`` (our small CNN; no published one)
+(export/import)     small_cnn         ``robust_flat.torch_twins.TorchSmallCNN`` (our small CNN; no published one)
 ==================  ================  ===========================================================================
 
 Layouts: conv kernels OIHW (PyTorch) <-> HWIO (Flax), linear ``(out, in)`` <-> ``(in, out)``, BN ``weight``/``bias``
@@ -121,7 +121,7 @@ def _model_kind(model) -> str:
 
 def default_layout(model) -> str:
     """The layout a model exports to by default: Stutz et al.'s for our ResNet (RobustBench's without conv biases),
-    RobustBench's for the PreActResNet and WideResNet, the benchmarks' twin for the small CNN."""
+    RobustBench's for the PreActResNet and WideResNet, robust_flat.torch_twins's for the small CNN."""
     kind = _model_kind(model)
     if kind == "resnet":
         return "resnet18_stutz" if model.conv_bias else "resnet18"
@@ -143,7 +143,7 @@ def _check_layout(model, layout: str) -> None:
         raise TorchImportError("layout resnet18 (torchvision / RobustBench) has no conv biases: use "
                                "ResNet(conv_bias=False)")
     if layout == "small_cnn" and model.norm not in (None, "none"):
-        raise TorchImportError("layout small_cnn (benchmarks.torch_small_cnn) has no normalization: use "
+        raise TorchImportError("layout small_cnn (robust_flat.torch_twins) has no normalization: use "
                                "SmallCNN(norm='none')")
 
 
@@ -298,7 +298,7 @@ def to_torch_state_dict(model, params, model_state=None, layout: Optional[str] =
     Loads with ``load_state_dict(strict=True)`` into the matching PyTorch model: Stutz et al.'s ``ResNet`` (with
     ``whiten=True`` when our model whitens), RobustBench's ``ResNet18`` / ``PreActResNet`` / ``WideResNet`` (our
     whitening, if any, as ``mu``/``sigma`` buffers of shape (1, 3, 1, 1), as RobustBench's zoo wrappers hold it;
-    ``PreActResNet(bn_before_fc=...)`` as our ``final_norm``), or ``benchmarks.torch_small_cnn.TorchSmallCNN``.
+    ``PreActResNet(bn_before_fc=...)`` as our ``final_norm``), or ``robust_flat.torch_twins.TorchSmallCNN``.
     """
     import jax
 

@@ -19,7 +19,7 @@ from pyautoattack import AutoAttack  # noqa: E402
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.torch_small_cnn import from_flax, max_logit_difference, to_nchw, to_nhwc  # noqa: E402
+from robust_flat.torch_twins import max_logit_difference, small_cnn_from_flax, to_nchw, to_nhwc  # noqa: E402
 from robust_flat.attacks.apgd import APGDConfig, single_run  # noqa: E402
 from robust_flat.attacks.autoattack import AutoAttackConfig, autoattack  # noqa: E402
 from toy_task import make_data, toy_logits_fn, trained_model  # noqa: E402
@@ -32,7 +32,7 @@ def pair():
     torch.manual_seed(0)
     model, params, _ = trained_model(SIZE)
     f = toy_logits_fn(SIZE)
-    net = from_flax(model, params, spatial=SIZE)
+    net = small_cnn_from_flax(model, params, spatial=SIZE)
     x, y = make_data(64, SIZE, seed=7)
     return f, net, x, y
 

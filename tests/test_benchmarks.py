@@ -55,7 +55,7 @@ def test_run_writes_valid_json(tmp_path):
 
 
 def test_ynn_convolution_count():
-    from benchmarks.run import ynn_convolutions
+    from benchmarks.harness import ynn_convolutions
 
     hlo = "\n".join([
         "%fused_computation (p: f32[1]) -> f32[1] {",

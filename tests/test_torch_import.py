@@ -464,7 +464,7 @@ def test_round_trip_flax_torch_flax(tmp_path, case):
         model = WideResNet(depth=16, widen_factor=2, norm="bn", whiten=False)
         net = RBWideResNet(16, 2, sub_block1=False)
     else:
-        from benchmarks.torch_small_cnn import TorchSmallCNN
+        from robust_flat.torch_twins import TorchSmallCNN
         model = create_model("small_cnn")
         net = TorchSmallCNN([32, 64], 128, 10, CIFAR10_MEAN, CIFAR10_STD)
     params, model_state = _random_flax(model)
@@ -487,18 +487,18 @@ def test_round_trip_flax_torch_flax(tmp_path, case):
     assert sorted(sd_np) == sorted(sd) and all(np.array_equal(sd_np[k], sd[k].numpy()) for k in sd)
 
 
-def test_benchmark_twins_use_the_library():
-    from benchmarks import torch_models, torch_small_cnn
+def test_torch_twins_match_the_flax_models():
+    from robust_flat import torch_twins
 
     x = images()
     model = create_model("resnet18", width=8)
     params, model_state = _random_flax(model)
-    net = torch_models.twin("resnet18", model, params, model_state)
-    assert torch_models.max_logit_difference(net, lambda v: flax_logits(model, params, model_state, v), x) < TOL
+    net = torch_twins.twin("resnet18", model, params, model_state)
+    assert torch_twins.max_logit_difference(net, lambda v: flax_logits(model, params, model_state, v), x) < TOL
     model = create_model("small_cnn")
     params, _ = _random_flax(model)
-    net = torch_small_cnn.from_flax(model, params)
-    assert torch_small_cnn.max_logit_difference(net, lambda v: flax_logits(model, params, {}, v), x) < TOL
+    net = torch_twins.twin("small_cnn", model, params)
+    assert torch_twins.max_logit_difference(net, lambda v: flax_logits(model, params, {}, v), x) < TOL
 
 
 # ----------------------------------------------------------------------------------------------- CLI
