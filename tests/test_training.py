@@ -263,3 +263,17 @@ def test_a_run_written_before_an_option_existed_resumes_with_its_default(tmp_pat
     c.train.label_smoothing = 0.1
     with pytest.raises(TrainingError, match=r"different config \(train.label_smoothing: None -> 0.1\)"):
         prepare_run_dir(str(tmp_path), c)
+
+
+def test_every_option_added_since_the_first_runs_has_the_value_those_runs_ran_with():
+    """tests/config_keys_2026_11.json: the base config's keys of runs written in November 2026 (the CPU grid's).
+    An option added since must be in the trainer's _ADDED_KEYS with its default, or every run written before it
+    refuses to resume ("different config (new.key: None -> default)")."""
+    from experiments.configs.common import base_config
+    from robust_flat.training.trainer import _ADDED_KEYS, _VOLATILE_KEYS, _flatten, config_to_dict
+
+    old = {tuple(k.split(".")) for k in json.load(open(os.path.join(os.path.dirname(__file__),
+                                                                    "config_keys_2026_11.json")))}
+    new = _flatten(config_to_dict(base_config()))
+    added = {k: v for k, v in new.items() if k not in old and k not in _VOLATILE_KEYS}
+    assert added == {k: v for k, v in _ADDED_KEYS.items()}

@@ -68,7 +68,8 @@ _VOLATILE_KEYS = {("data", "data_dir"), ("debug", "sigkill_at_step"), ("debug", 
                   ("debug", "sigkill_save_delay_ms")}
 # Options added after runs were written: a run whose config.json lacks one ran as this value, so it resumes when the
 # new config has this value (its default).
-_ADDED_KEYS = {("attack", "tau"): -1, ("data", "label_noise"): 0.0, ("train", "label_smoothing"): 0.0}
+_ADDED_KEYS = {("attack", "tau"): -1, ("data", "label_noise"): 0.0, ("train", "label_smoothing"): 0.0,
+               ("ema", "bn_batches"): 0}
 
 
 def _flatten(d, prefix=()):
