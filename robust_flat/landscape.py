@@ -46,6 +46,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 from robust_flat import hessian as H
@@ -187,11 +188,6 @@ def hessian_direction(logits_fn, params, model_state, x, y, key, config: Landsca
     return normalize_direction(d, params, config, config.hessian_scale if scale is None else scale), eig.max
 
 
-def global_norm(direction) -> float:
-    """``||d||_2`` over all leaves (the paper reports ~33 layer-wise vs ~21 filter-wise for its AT ResNet-18)."""
-    return float(jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(direction))))
-
-
 # ------------------------------------------------------------------------------------------------- evaluation
 def _point(logits_fn, params, model_state, d1, d2, a, b, x, y, key, pgd_config):
     p = jax.tree.map(lambda w, u, v: w + (a * u + b * v).astype(w.dtype), params, d1, d2)
@@ -215,10 +211,6 @@ def _check(x, y, pgd_config):
     return x, y
 
 
-def _zeros(params):
-    return jax.tree.map(jnp.zeros_like, params)
-
-
 def _eval(logits_fn, params, model_state, x, y, key, d1, d2, a, b, pgd_config):
     # 1D points use d2 = 0, so curves and surfaces share one compiled function.
     out = _point_jit(logits_fn, params, model_state, d1, d2, jnp.float32(a), jnp.float32(b), x, y, key,
@@ -231,7 +223,7 @@ def evaluate_at(logits_fn, params, model_state, x, y, key, direction1=None, a: f
     """RLoss (PGD recomputed at the point), clean loss and errors at ``params + a * direction1 + b * direction2``
     (missing directions are zero)."""
     x, y = _check(x, y, pgd_config)
-    zeros = _zeros(params)
+    zeros = optax.tree.zeros_like(params)
     return _eval(logits_fn, params, model_state, x, y, key, zeros if direction1 is None else direction1,
                  zeros if direction2 is None else direction2, a, b, pgd_config)
 
@@ -243,7 +235,7 @@ def loss_curve(logits_fn, params, model_state, x, y, direction, key, config: Lan
     "clean_error": [...]}``. ``progress(1)`` is called after every point."""
     x, y = _check(x, y, config.pgd)
     s = config.coordinates()
-    zeros = _zeros(params)
+    zeros = optax.tree.zeros_like(params)
     out = {m: [] for m in METRICS}
     for si in s:
         vals = _eval(logits_fn, params, model_state, x, y, key, direction, zeros, si, 0.0, config.pgd)
@@ -338,13 +330,6 @@ class Directions:
         return normalize_direction(nu, params, config, self.scale)
 
 
-def make_directions(kind: str, logits_fn, params, model_state, x, y, key, config: LandscapeConfig,
-                    num: Optional[int] = None) -> tuple[list, dict]:
-    """``num`` directions of ``kind`` (random / adversarial / hessian; hessian gives one) and extra info."""
-    src = Directions(kind, logits_fn, params, model_state, x, y, key, config, num)
-    return [src[i] for i in range(len(src))], src.info
-
-
 def num_points(config: LandscapeConfig, kinds: Sequence[str]) -> dict:
     """Points (PGD + loss evaluations) per unit of :func:`landscape_1d` (``"unperturbed"``, ``"<kind>_<i>"``: one
     curve) and per row of :func:`loss_surface` (``"surface_row"``)."""
@@ -398,7 +383,7 @@ def landscape_1d(logits_fn, params, model_state, x, y, key, config: LandscapeCon
             else:
                 c = loss_curve(logits_fn, params, model_state, x, y, src[i], k_pgd, config, progress)
                 c = {m: c[m] for m in METRICS}
-                c["direction_norm"] = global_norm(src[i])
+                c["direction_norm"] = float(optax.tree.norm(src[i]))  # ||d||_2 over all leaves
                 if kind == "hessian":
                     c["lambda_max"] = src.info["lambda_max"]
                 save(unit, c)
@@ -468,5 +453,5 @@ def plot_surface(surface: dict, path: str, metric: str = "robust_loss", title: s
 
 
 __all__ = ["LandscapeConfig", "normalize_direction", "random_direction", "adversarial_directions",
-           "hessian_direction", "global_norm", "evaluate_at", "loss_curve", "loss_surface", "Directions",
-           "make_directions", "num_points", "curve_unit", "landscape_1d", "plot_1d", "plot_surface"]
+           "hessian_direction", "evaluate_at", "loss_curve", "loss_surface", "Directions",
+           "num_points", "curve_unit", "landscape_1d", "plot_1d", "plot_surface"]

@@ -131,8 +131,6 @@ def test_resume_reproduces_the_uninterrupted_run(setup):
 
 
 def test_standard_version(setup, fast):
-    pytest.importorskip("robust_flat.attacks.fab")
-    pytest.importorskip("robust_flat.attacks.square")
     f, x, y = setup
     std = dataclasses.replace(FAST, version="standard", square_queries=50)
     state = autoattack(f, x, y, jax.random.key(0), std, **QUIET)
@@ -188,8 +186,6 @@ def test_target_classes_follow_the_class_count():
     assert {c.config.n_target_classes for c in components(AutoAttackConfig(), n_classes=10)
             if c.name in ("apgd-t", "fab-t")} == {9}
     # AutoAttack standard end to end on a 4-class model (it used to fail in APGD-T, after APGD-CE had run)
-    pytest.importorskip("robust_flat.attacks.fab")
-    pytest.importorskip("robust_flat.attacks.square")
     f, x, y = _linear_model(4)
     cfg = AutoAttackConfig(eps=8 / 255, n_iter=3, square_queries=10, apgd_unroll=3)
     state = autoattack(f, x, y, jax.random.key(0), cfg, batch_size=12, shape_buckets=1, log=lambda s: None)

@@ -78,7 +78,3 @@ class ResNet(nn.Module):
                 x = BasicBlock(self.width * 2 ** i, stride, self.activation, self.norm, self.dropout, self.dtype,
                                self.conv_bias, name=f"stage{i + 1}_block{j}")(x, train)
         return model_output(self, jnp.mean(x, axis=(1, 2)), train, output)
-
-
-def resnet18(**kwargs) -> ResNet:
-    return ResNet(stage_sizes=(2, 2, 2, 2), **kwargs)
