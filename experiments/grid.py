@@ -7,7 +7,8 @@
         --partition gpu --gpus 1 --time-min 720
 
 A grid file (``experiments/grids/*.py``, an ml_collections config like the training configs) lists runs (a method
-config, a preset, overrides, a seed and a label) and the measures to take at which snapshots. The grid splits into
+config, a preset, overrides, a seed, a label, and ``weights="ema"`` where every measure should take the run's averaged
+weights) and the measures to take at which snapshots. The grid splits into
 units, each one command of an existing entry point writing the files that entry point always writes:
 
 * ``train``: ``experiments.cifar10_at`` into ``ROOT/<label>`` (snapshots every ``checkpoint.snapshot_every`` epochs);
@@ -63,6 +64,7 @@ class Run:
     snapshot_every: int
     method: str
     train_examples: int           # images per epoch (for the time estimate)
+    weights: str = "params"       # which weights every measure of the run uses: params, or ema (the average)
 
 
 @dataclasses.dataclass
@@ -157,10 +159,10 @@ def build_runs(grid) -> list[Run]:
     common = flatten_overrides(grid.get("overrides", {}))
     for spec in grid.get("runs", None) or ():
         spec = dict(spec)
-        unknown = set(spec) - {"label", "config", "preset", "overrides", "seed", "group"}
+        unknown = set(spec) - {"label", "config", "preset", "overrides", "seed", "group", "weights"}
         if unknown:
             raise GridError(f"run {spec.get('label')!r}: unknown fields {sorted(unknown)}; a run has label, config, "
-                            "preset, overrides, seed, group")
+                            "preset, overrides, seed, group, weights")
         label = spec.get("label")
         if not label or not isinstance(label, str) or "/" in label or label.startswith("."):
             raise GridError(f"every run needs a label usable as a directory name, got {label!r}")
@@ -177,11 +179,16 @@ def build_runs(grid) -> list[Run]:
             for k, v in overrides.items():
                 _set_override(config, k, v, label)
             config.seed = seed
+        weights = spec.get("weights", "params")
+        if weights not in ("params", "ema"):
+            raise GridError(f"run {label!r}: weights must be params or ema, got {weights!r}")
+        if weights == "ema" and not config.ema.enabled:
+            raise GridError(f"run {label!r}: weights ema needs a run that averages its weights (ema.enabled)")
         runs.append(Run(label=label, config=spec["config"], preset=preset,
                         overrides=tuple(sorted(overrides.items())), seed=seed,
                         group=spec.get("group", config.method), epochs=int(config.train.epochs),
                         snapshot_every=int(config.checkpoint.snapshot_every), method=config.method,
-                        train_examples=int(config.data.train_examples or 50000)))
+                        train_examples=int(config.data.train_examples or 50000), weights=weights))
     if not runs:
         raise GridError("the grid lists no runs")
     return runs
@@ -281,7 +288,7 @@ def plan(grid, root: str, data_dir: Optional[str], python: str = sys.executable)
         train = Unit(f"{run.label}/train", run.label, "train", cmd, [os.path.join(rdir, "DONE")],
                      [os.path.join(rdir, "checkpoints")], os.path.join(logs, "train.log"), train_cost)
         units.append(train)
-        base = ["--run-dir", rdir, *data]
+        base = ["--run-dir", rdir, *data, *(["--weights", "ema"] if run.weights == "ema" else [])]
         keyed = []  # snapshot by snapshot (epochs in order, then last and best), measures in MEASURES order
         for name, spec in measures.items():
             if spec.get("runs") and run.label not in spec["runs"]:

@@ -167,6 +167,8 @@ BAD = {
     "unknown override": ('dict(label="a", config="pgd_at", overrides={"optimizer.lrr": 0.1})',
                          "override 'optimizer.lrr' does not exist"),
     "unknown measure": ('dict(label="a", config="pgd_at")', "unknown measure 'flatnes'"),
+    "ema weights of a run without averaging": ('dict(label="a", config="pgd_at", weights="ema")',
+                                               "weights ema needs a run that averages its weights"),
 }
 
 
@@ -281,6 +283,25 @@ def test_grid_eps_reaches_every_measure(tmp_path):
             want = "0.01" if u.kind == "avg" else repr(4 / 255)
             assert u.command[u.command.index("--eps") + 1] == want, u.name
     assert "--eps" not in units[0].command
+
+
+def test_a_run_measured_with_its_averaged_weights(tmp_path):
+    """weights="ema": every measure of that run takes --weights ema (the average and its own batch-norm
+    statistics), and the commands parse; other runs measure their raw weights."""
+    from experiments import evaluate, flatness, robust_loss
+
+    text = GOOD.replace('dict(label="a", config="pgd_at")', 'dict(label="a", config="ema", weights="ema")')
+    _, units = G.plan(G.load_grid(_grid(tmp_path, text)), str(tmp_path / "root"), None)
+    parsers = {"experiments.evaluate": evaluate.build_parser(), "experiments.flatness": flatness.build_parser(),
+               "experiments.robust_loss": robust_loss.build_parser()}
+    for u in units:
+        if u.kind == "train":
+            assert "--weights" not in u.command
+            continue
+        want = ["--weights", "ema"] if u.run == "a" else []
+        i = u.command.index("--weights") if "--weights" in u.command else None
+        assert (u.command[i:i + 2] if i is not None else []) == want, u.name
+        assert parsers[u.command[2]].parse_args(u.command[3:]).weights == (want[1] if want else "params")
 
 
 def test_early_stopped_model_reuses_the_result_of_its_snapshot(tmp_path):
