@@ -18,6 +18,7 @@ seconds. Cache writes are atomic.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import io
@@ -394,9 +395,26 @@ def load_eval_set(config_or_dataset, subset_name: str = "test_first1000", data_d
 
 
 # -------------------------------------------------------------------------------------------------- batching
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order of training examples in ``epoch``; a pure function of (seed, epoch), so resuming is exact."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def epoch_permutation(seed: int, epoch: int, n: int, stream: Tuple[int, ...] = ()) -> np.ndarray:
+    """The order of training examples in ``epoch``; a pure function of (seed, epoch), so resuming is exact.
+    ``stream``: another, independent order of the same seed (the extra data's: :data:`EXTRA_STREAM`). The last
+    few orders are cached (read-only): a permutation of the 500,000 extra images costs ~10 ms per step otherwise."""
+    return _permutation(seed, epoch, n, tuple(stream))
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int, stream: Tuple[int, ...]) -> np.ndarray:
+    order = np.random.default_rng([seed, epoch, *stream]).permutation(n)
+    order.setflags(write=False)
+    return order
+
+
+def _stream_indices(n: int, seed: int, step: int, batch_size: int, stream: Tuple[int, ...] = ()) -> np.ndarray:
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise DataError(f"batch size {batch_size} is larger than the training set ({n} examples)")
+    epoch, i = divmod(step, per_epoch)
+    return epoch_permutation(seed, epoch, n, stream)[i * batch_size:(i + 1) * batch_size]
 
 
 def train_batch(x: np.ndarray, y: np.ndarray, seed: int, step: int, batch_size: int,
@@ -404,14 +422,78 @@ def train_batch(x: np.ndarray, y: np.ndarray, seed: int, step: int, batch_size: 
     """Batch number ``step`` (global step, counting from 0) of the deterministic stream; drops the last partial
     batch of every epoch so all batches have one shape (one compilation). ``rows``: only these positions of the
     batch (one process's share in multi-host training); default all."""
-    per_epoch = len(x) // batch_size
-    if per_epoch == 0:
-        raise DataError(f"batch size {batch_size} is larger than the training set ({len(x)} examples)")
-    epoch, i = divmod(step, per_epoch)
-    idx = epoch_permutation(seed, epoch, len(x))[i * batch_size:(i + 1) * batch_size]
+    idx = _stream_indices(len(x), seed, step, batch_size)
     if rows is not None:
         idx = idx[rows]
     return {"image": x[idx], "label": y[idx]}
+
+
+# ----------------------------------------------------------------------------------- extra pseudo-labelled data
+EXTRA_STREAM = (1,)  # epoch_permutation's stream of the extra data (the training set's is ())
+
+
+def extra_count(batch_size: int, fraction: float) -> int:
+    """How many of ``batch_size`` examples come from the extra data at share ``fraction``: rounded, and at least one
+    example of each kind (so the configured share is exact for batch sizes where ``batch_size * fraction`` is)."""
+    return min(max(int(round(batch_size * fraction)), 1), batch_size - 1)
+
+
+def mixed_train_batch(x: np.ndarray, y: np.ndarray, extra_x: np.ndarray, extra_y: np.ndarray, seed: int, step: int,
+                      batch_size: int, fraction: float, chunk: Optional[int] = None,
+                      rows: Optional[np.ndarray] = None) -> dict:
+    """Batch ``step`` of training examples mixed with extra (pseudo-labelled) ones, a pure function of
+    (seed, step): every ``chunk`` rows (default the whole batch; a multi-batch step passes its mini-batch size) hold
+    :func:`extra_count` ``(chunk, fraction)`` extra examples at positions drawn per step. Both sources are read in
+    their own deterministic streams (:func:`train_batch`'s, at their per-step counts), each wrapping into a new
+    permutation when it runs out. ``rows``: only these positions of the batch."""
+    chunk = chunk or batch_size
+    if batch_size % chunk:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the mini-batch size {chunk}")
+    n_chunks, k = batch_size // chunk, extra_count(chunk, fraction)
+    base = _stream_indices(len(x), seed, step, n_chunks * (chunk - k))
+    ext = _stream_indices(len(extra_x), seed, step, n_chunks * k, EXTRA_STREAM)
+    place = np.random.default_rng([seed, step, *EXTRA_STREAM])
+    is_extra = np.zeros(batch_size, bool)
+    for j in range(n_chunks):
+        is_extra[j * chunk + place.permutation(chunk)[:k]] = True
+    src = np.empty(batch_size, np.int64)  # row -> index into its source
+    src[~is_extra], src[is_extra] = base, ext
+    if rows is not None:
+        src, is_extra = src[rows], is_extra[rows]
+    image, label = np.empty((len(src),) + x.shape[1:], x.dtype), np.empty(len(src), np.int32)
+    image[~is_extra], label[~is_extra] = x[src[~is_extra]], y[src[~is_extra]]
+    image[is_extra], label[is_extra] = extra_x[src[is_extra]], extra_y[src[is_extra]]
+    return {"image": image, "label": label}
+
+
+def load_extra(path: str, image_shape: Tuple[int, ...], num_classes: int, pixel_scale: float = 255.0) -> Arrays:
+    """The extra (pseudo-labelled) training data of ``data.extra_path``: an ``.npz`` with ``images`` (uint8
+    ``[N, H, W, 3]`` of the training images' ``H, W``; float images must lie in ``[0, pixel_scale]``) and ``labels``
+    (integers in ``[0, num_classes)``), e.g. the 500,000 pseudo-labelled Tiny Images of Carmon et al. (2019), the
+    paper's "+unlabeled" model (docs/paper-vs-code.md#unlabeled).
+    Raises :class:`DataError` with one line naming the file and the problem."""
+    if not os.path.isfile(path):
+        raise DataError(f"data.extra_path {path!r} does not exist (an .npz file with arrays 'images' and 'labels')")
+    try:
+        with np.load(path) as z:
+            missing = [k for k in ("images", "labels") if k not in z.files]
+            if missing:
+                raise DataError(f"data.extra_path {path}: expected arrays 'images' and 'labels', found "
+                                f"{sorted(z.files)}")
+            x, y = z["images"], z["labels"]
+    except DataError:
+        raise
+    except Exception as e:  # not a zip / npz, truncated, pickled objects
+        raise DataError(f"data.extra_path {path}: cannot read it as an .npz file ({type(e).__name__}: {e})")
+    x, y = validate(x, y, f"data.extra_path {path}", pixel_scale)
+    if tuple(x.shape[1:]) != tuple(image_shape):
+        raise DataError(f"data.extra_path {path}: images are {tuple(x.shape[1:])} but the training images are "
+                        f"{tuple(image_shape)}")
+    if len(y) == 0:
+        raise DataError(f"data.extra_path {path}: holds no images")
+    if int(y.max()) >= num_classes:
+        raise DataError(f"data.extra_path {path}: labels must lie in [0, {num_classes}), got max {int(y.max())}")
+    return x, y
 
 
 def augment(key, images, pad: int = 4, flip: bool = True):

@@ -31,6 +31,12 @@ VARIANT_OPTIONS = {
     "optimizer.weight_decay": ("coupled L2 weight decay", "5e-4; 0 ... 0.05"),
     "ema.enabled": ("weight averaging w_avg <- tau w_avg + (1 - tau) w (ema.decay = tau)",
                     "tau 0.98, 0.985, 0.99, 0.9975"),
+    "data.autoaugment": ("AutoAugment (CIFAR-10 policy) after crop/flip, every method; with data.cutout=16 the "
+                         "paper's AutoAugment model (autoaugment.py)", "on, with Cutout 16"),
+    "data.extra_path": ("extra pseudo-labelled training data: an .npz with images (uint8 NHWC) and labels, mixed "
+                        "into every batch at data.extra_fraction (\"\": none)",
+                        "500k pseudo-labelled Tiny Images (Carmon et al. 2019)"),
+    "data.extra_fraction": ("share of every batch taken from data.extra_path", "0.5 (released code: 0.7)"),
     "model.activation": ("activation", "relu; silu, mish, gelu"),
     "model.dropout": ("dropout before each block's second norm", "0.1"),
 }
@@ -56,6 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
         pixel_scale=255.0,   # declared range of float images in .npz files: 255.0 or 1.0
         train_examples=0,    # 0: all; N: the first N training images
         augment=True,        # random crop (pad 4) + horizontal flip
+        autoaugment=False,   # then the CIFAR-10 AutoAugment policy (the paper's AutoAugment model: True)
+        cutout=0,            # then one Cutout square of this side (0: none; the paper's AutoAugment model: 16)
+        extra_path="",       # .npz of extra pseudo-labelled images (images uint8 NHWC, labels) mixed into every batch
+        extra_fraction=0.5,  # extra_path's share of each batch (paper 0.5, code 0.7: docs/paper-vs-code.md#unlabeled)
         label_noise=0.0,     # share tau of training labels redrawn once, fixed per example (paper: 0.1 ... 0.5)
         synthetic_train=2560, synthetic_test=1024,
     ))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import os
 from typing import Any, Callable, Optional
 
 # Fields whose command-line overrides may be written as fractions (8/255, 2/255): the input radius and step size.
@@ -134,6 +135,13 @@ def check_config(config) -> list[str]:
          "(float images in [0, 1])")
     rule("data.train_examples", integer(0), "an integer >= 0 (0: all)")
     rule("data.augment", boolean, "true or false")
+    rule("data.autoaugment", boolean, "true or false")
+    rule("data.cutout", integer(0), "an integer >= 0 (the side of the Cutout square; 0: none; paper: 16)")
+    rule("data.extra_path", lambda v: isinstance(v, str), "a path to an .npz file (a string; empty: no extra data)")
+    rule("data.extra_fraction", real(0.0, 1.0, lo_open=True, hi_open=True), "a share in (0, 1) (paper: 0.5)")
+    extra = _get(config, "data.extra_path")
+    if isinstance(extra, str) and extra and not os.path.isfile(extra):
+        problems.append(f"data.extra_path {extra!r} does not exist (an .npz file with arrays 'images' and 'labels')")
     rule("data.label_noise", real(0.0, 1.0, hi_open=True), "a share in [0, 1) (0: no label noise; paper: 0.1 ... 0.5)")
     if _get(config, "data.dataset") == "synthetic":
         rule("data.synthetic_train", integer(1), "an integer >= 1")

@@ -52,6 +52,7 @@ from robust_flat.training.averaging import recalibrate
 from robust_flat.training.monitor import Schedule, bn_batches, eval_cost, make_evaluators
 from robust_flat.runs import build
 from robust_flat.training.state import TrainState
+from robust_flat.training.update import augmentation
 
 
 class TrainingError(RuntimeError):
@@ -69,7 +70,8 @@ _VOLATILE_KEYS = {("data", "data_dir"), ("debug", "sigkill_at_step"), ("debug", 
 # Options added after runs were written: a run whose config.json lacks one ran as this value, so it resumes when the
 # new config has this value (its default).
 _ADDED_KEYS = {("attack", "tau"): -1, ("data", "label_noise"): 0.0, ("train", "label_smoothing"): 0.0,
-               ("ema", "bn_batches"): 0}
+               ("ema", "bn_batches"): 0, ("data", "autoaugment"): False, ("data", "cutout"): 0,
+               ("data", "extra_path"): "", ("data", "extra_fraction"): 0.5}
 
 
 def _flatten(d, prefix=()):
@@ -192,6 +194,19 @@ def load_data(config, log):
     return x_train, y_train, x_test, y_test
 
 
+def load_extra(config, image_shape, log):
+    """The extra pseudo-labelled training data of ``data.extra_path`` (:func:`robust_flat.data.load_extra`), or
+    ``None`` without one."""
+    d = config.data
+    if not d.get("extra_path", ""):
+        return None
+    x, y = data_lib.load_extra(d.extra_path, image_shape, config.model.num_classes, d.pixel_scale)
+    log(f"DATA: {len(x)} extra pseudo-labelled images from {d.extra_path}, "
+        f"{data_lib.extra_count(config.train.batch_size, d.extra_fraction)} of every {config.train.batch_size} "
+        "training images")
+    return x, y
+
+
 def _write_curves(run_dir: str, log, warned: list) -> None:
     """``RUN/curves.png`` from ``RUN/metrics.jsonl``; any error is logged once (``warned``) and never raised."""
     try:
@@ -268,6 +283,7 @@ def _train(config, run_dir: str, progress: bool, primary: bool) -> TrainState:
 
     prepare_run_dir(run_dir, config, write=primary, log=log)
     x_train, y_train, x_test, y_test = load_data(config, log)
+    extra = load_extra(config, x_train.shape[1:], log)
     # a step may consume several mini-batches (Entropy-SGD: L + 1); the step function receives them as one batch
     per_step = int(config.train.get("batches_per_step", 1))
     if per_step < 1 or config.train.batch_size < 1:
@@ -362,7 +378,7 @@ def _train(config, run_dir: str, progress: bool, primary: bool) -> TrainState:
                                                 rows=r), sharded, bs1, bn_rows)
             for i in range(bn_batches(config, len(x_train))))
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2_000_000 + epoch)
-        stats = recalibrate(apply_fn, state.ema_params, state.ema_model_state, batches, key, config.data.augment)
+        stats = recalibrate(apply_fn, state.ema_params, state.ema_model_state, batches, key, augmentation(config))
         return state.replace(ema_model_state=jax.device_put(stats, repl))
 
     stop = {"signum": None}
@@ -384,10 +400,17 @@ def _train(config, run_dir: str, progress: bool, primary: bool) -> TrainState:
         return {**meta, "epoch": step // steps_per_epoch, "step": step, "steps_per_epoch": steps_per_epoch,
                 "running": {"sums": sums, "count": count}}
 
+    def batch_rows(r):
+        """This process's rows ``r`` of batch ``step``: training examples, mixed with the extra data's share of
+        every mini-batch when there is extra data; a function of (seed, step) either way."""
+        if extra is None:
+            return data_lib.train_batch(x_train, y_train, config.seed, step, bs, rows=r)
+        return data_lib.mixed_train_batch(x_train, y_train, *extra, config.seed, step, bs, config.data.extra_fraction,
+                                          chunk=config.train.batch_size, rows=r)
+
     try:
         while step < total:
-            batch = distributed.global_batch(
-                lambda r: data_lib.train_batch(x_train, y_train, config.seed, step, bs, rows=r), sharded, bs, rows)
+            batch = distributed.global_batch(batch_rows, sharded, bs, rows)
             t0 = time.time()
             state, metrics = jstep(state, batch)
             metrics = jax.device_get(metrics)

@@ -1,7 +1,7 @@
 """The parameter update shared by every training method: optimizer step, weight projection, weight averaging."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -73,10 +73,27 @@ def supervised_update(state: TrainState, x, y, rng, *, apply_fn, tx, ema_decay=N
     return gradient_update(state, loss_fn, y, tx=tx, ema_decay=ema_decay, clip_weights=clip_weights)
 
 
+class Augmentation(NamedTuple):
+    """The input pipeline of a training step, applied by :func:`prepare_images` in this order (a static, hashable
+    step option): ``crop_flip`` random crop after zero padding by 4 and horizontal flip (``data.augment``, default
+    True); ``autoaugment`` the CIFAR-10 AutoAugment policy (``data.autoaugment``, default False; the paper's
+    AutoAugment model: True); ``cutout`` the side of one Cutout square (``data.cutout``, default 0: none; that
+    model: 16)."""
+    crop_flip: bool = True
+    autoaugment: bool = False
+    cutout: int = 0
+
+
+def augmentation(config) -> Augmentation:
+    """The config's :class:`Augmentation` (a config written before AutoAugment existed has neither field: off)."""
+    d = config.data
+    return Augmentation(bool(d.augment), bool(d.get("autoaugment", False)), int(d.get("cutout", 0)))
+
+
 def step_options(config) -> dict:
-    """The static options every method's step takes from the config: augmentation, weight averaging (EMA) and
-    weight clipping."""
-    return dict(augment=config.data.augment, ema_decay=config.ema.decay if config.ema.enabled else None,
+    """The static options every method's step takes from the config: augmentation (:func:`augmentation`), weight
+    averaging (EMA) and weight clipping."""
+    return dict(augment=augmentation(config), ema_decay=config.ema.decay if config.ema.enabled else None,
                 clip_weights=config.train.clip_weights or None)
 
 
@@ -89,9 +106,28 @@ def forward_clean_then_adversarial(params, model_state, x, x_adv, rng, *, apply_
     return clean_logits, adv_logits, model_state
 
 
-def prepare_images(batch, rng, augment: bool):
-    """uint8 batch -> float32 in [0, 1], randomly cropped and flipped when ``augment``."""
+# fold_in(rng, _PER_EXAMPLE_STREAM): the key of AutoAugment and Cutout (crop/flip keep drawing from rng itself, so a
+# run without them augments exactly as before they existed)
+_PER_EXAMPLE_STREAM = 0x41417567
+
+
+def prepare_images(batch, rng, augment):
+    """uint8 batch -> float32 in [0, 1], augmented by ``augment``: an :class:`Augmentation`, or a bool (True: crop
+    and flip only). Crop/flip draw from ``rng``; AutoAugment and Cutout give the example at batch position ``i`` the
+    key ``fold_in(k, i)`` (:mod:`robust_flat.autoaugment`, ``k`` derived from ``rng``), so what an example gets is
+    a function of (the step's key, its position) alone. Values stay on uint8 levels in [0, 1]."""
     from robust_flat.data import augment as augment_fn
 
+    spec = augment if isinstance(augment, Augmentation) else Augmentation(crop_flip=bool(augment))
     x = batch["image"].astype(jnp.float32) / 255.0
-    return augment_fn(rng, x) if augment else x
+    if spec.crop_flip:
+        x = augment_fn(rng, x)
+    if spec.autoaugment or spec.cutout:
+        from robust_flat.autoaugment import autoaugment, cutout
+
+        k_policy, k_cutout = jax.random.split(jax.random.fold_in(rng, _PER_EXAMPLE_STREAM))
+        if spec.autoaugment:
+            x = autoaugment(k_policy, x)
+        if spec.cutout:
+            x = cutout(k_cutout, x, spec.cutout)
+    return x
