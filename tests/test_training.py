@@ -247,6 +247,11 @@ def test_eval_cost_counts_passes_as_documented():
     assert eval_cost(clean)["train"] == 78 * 128 * 2 and eval_cost(clean)["early_stopping"] == 0
     tiny = pgd_at_config.get_config("tiny")
     assert eval_cost(tiny)["ratio"] > 0.25  # the exempt fixture: 256 images, ES on all 128 test images
+    from experiments.configs import sam as sam_config, ssl as ssl_config
+    from robust_flat.training.monitor import train_passes_per_image
+    # SAM: one more pass for the gradient at the perturbed weights; rotation SSL: the image and its 4 rotations
+    assert train_passes_per_image(sam_config.get_config("cpu")) == 7 + 3
+    assert train_passes_per_image(ssl_config.get_config("cpu")) == 5 * (7 + 2)
 
 
 def test_a_run_written_before_an_option_existed_resumes_with_its_default(tmp_path):

@@ -179,14 +179,15 @@ def dataset_sizes(config) -> tuple:
 
 def train_passes_per_image(config) -> float:
     """Forward-backward passes per training image of one step: the attack's steps plus about 2 for the update (PGD-k
-    AT: k + 2; clean training: 2; AT-AWP adds one pass per weight-attack step)."""
+    AT: k + 2; clean training: 2; AT-AWP adds one pass per weight-attack step, SAM/ASAM one for the gradient at the
+    perturbed weights; rotation self-supervision attacks and trains the image and its 4 rotations: 5 x (k + 2))."""
     if config.method == "clean":
         return 2.0
     k = float(config.attack.steps)
     if config.method == "pgd_at":
         k *= float(config.attack.get("fraction", 1.0))
-    extra = float(config.awp.steps) if config.method == "awp" else 0.0
-    return k + 2.0 + extra
+    extra = {"awp": lambda: float(config.awp.steps), "sam": lambda: 1.0}.get(config.method, lambda: 0.0)()
+    return (k + 2.0 + extra) * (5.0 if config.method == "ssl" else 1.0)
 
 
 def eval_cost(config, n_train: Optional[int] = None, n_test: Optional[int] = None) -> dict:
