@@ -51,6 +51,11 @@ def test_pixel_operations_equal_pil():
     np.testing.assert_array_equal(_levels(A.translate_y(x, -2.0)), np.asarray(
         pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0, 1, -2), fillcolor=fill)))
     np.testing.assert_array_equal(_levels(A.rotate(x, 90.0)), np.rot90(img))  # counter-clockwise
+    for shear in (0.3, -0.2):  # linear interpolation (PIL's policy: bicubic), PIL's pixel-centre convention
+        for ours, data in ((A.shear_x(x, shear), (1, shear, 0, 0, 1, 0)),
+                           (A.shear_y(x, shear), (1, 0, 0, shear, 1, 0))):
+            theirs = np.asarray(pil.transform(pil.size, Image.AFFINE, data, Image.BILINEAR, fillcolor=fill))
+            assert np.abs(_levels(ours) - theirs).max() <= 1
 
 
 def test_operations_at_their_neutral_magnitude_are_the_identity_and_keep_uint8_levels():
