@@ -202,8 +202,8 @@ def load_extra(config, image_shape, log):
         return None
     x, y = data_lib.load_extra(d.extra_path, image_shape, config.model.num_classes, d.pixel_scale)
     log(f"DATA: {len(x)} extra pseudo-labelled images from {d.extra_path}, "
-        f"{data_lib.extra_count(config.train.batch_size, d.extra_fraction)} of every {config.train.batch_size} "
-        "training images")
+        f"{data_lib.extra_count(config.train.batch_size, d.extra_fraction)} of every mini-batch of "
+        f"{config.train.batch_size}")
     return x, y
 
 
