@@ -13,6 +13,13 @@ program and compile options, so results do not change.
 ``JAX_COMPILATION_CACHE_DIR`` already set in the environment is used as it is (not removed);
 ``ROBUST_FLAT_TEST_COMPILATION_CACHE=0`` turns the session cache off.
 
+XLA:CPU compiles the session's programs without LLVM's optimizations (``--xla_backend_optimization_level=0`` added
+to ``XLA_FLAGS``, inherited by the workers and their subprocesses): the tests run tiny programs on a few images,
+where compiling costs far more than running, and unoptimized compiles are 2-3x faster (tests/test_pgd.py and
+test_apgd.py: 248 s -> 100 s on the 2-core machine). The programs compute the same functions; every comparison in
+the suite is between two results of the same session or against a tolerance. ``ROBUST_FLAT_TEST_XLA_OPT=1`` (or an
+optimization level already in ``XLA_FLAGS``) keeps XLA's default level.
+
 Counting compiles is not affected: JAX records its backend-compile event (``robust_flat.xla.CompileCounter``) around
 the cache lookup, so a program read from the cache is counted like one compiled (test_compiles passes with every
 program in the cache). The benchmark test's subprocess does not get the cache: it times compiles.
@@ -45,8 +52,19 @@ def _apply_to_loaded_jax() -> None:
                           float(os.environ.get(_MIN_TIME_ENV, "0")))
 
 
+_OPT_FLAG = "--xla_backend_optimization_level"
+
+
+def _unoptimized_compiles() -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if os.environ.get("ROBUST_FLAT_TEST_XLA_OPT", "0") in ("0", "false", "False", "") and _OPT_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = (flags + f" {_OPT_FLAG}=0").strip()
+
+
 def pytest_configure(config):
     _hand_out_files_in_collection_order(config)
+    if not hasattr(config, "workerinput"):
+        _unoptimized_compiles()
     if os.environ.get("ROBUST_FLAT_TEST_COMPILATION_CACHE", "1") in ("0", "false", "False", ""):
         return
     if not hasattr(config, "workerinput") and not os.environ.get(_ENV):  # the controller (or a run without xdist)
@@ -92,6 +110,22 @@ def pytest_unconfigure(config):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _forget_absl_flags(module: str) -> None:
+    """Remove the absl flags an earlier import or run of ``module`` defined (``experiments.cifar10_at`` defines its
+    flags at import): running it again would define them twice (``DuplicateFlagError``)."""
+    flags = sys.modules.get("absl.flags")
+    if flags is None:
+        return
+    path = os.path.join(ROOT, *module.split(".")) + ".py"
+    by_module = {name: list(defined) for name, defined in flags.FLAGS.flags_by_module_dict().items()}
+    for name, defined in by_module.items():
+        if name in (module, path, "__main__"):
+            for flag in defined:
+                for key in {flag.name, flag.short_name} - {None}:
+                    if key in flags.FLAGS:
+                        delattr(flags.FLAGS, key)
+
+
 @pytest.fixture
 def run_module(capfd, monkeypatch):
     """``run_module("experiments.X", *args)``: ``python -m experiments.X ARGS`` run in this process instead of a new
@@ -105,6 +139,7 @@ def run_module(capfd, monkeypatch):
 
     def run(module: str, *args: str) -> subprocess.CompletedProcess:
         argv = [module, *map(str, args)]
+        _forget_absl_flags(module)
         monkeypatch.chdir(ROOT)
         monkeypatch.setattr(sys, "argv", argv)
         capfd.readouterr()

@@ -15,8 +15,11 @@ def test_run_writes_valid_json(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks.run", "--rows", "pgd_step,apgd_ce", "--models", "small_cnn",
            "--repeats", "1", "--batch-size", "8", "--no-torch", "--matmul-size", "256", "--matmul-repeats", "1",
            "--light-warmup", "--switch-off", "small_cnn:pgd_step", "--min-time", "0.5", "--out", str(out)]
-    # the benchmark times and counts its own compiles: no programs from the test session's compilation cache
+    # the benchmark times and counts its own compiles: no programs from the test session's compilation cache, and
+    # XLA's default optimization level (the session compiles unoptimized, tests/conftest.py)
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_backend_optimization_level"))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

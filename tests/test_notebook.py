@@ -61,6 +61,10 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("ROBUST_FLAT_NOTEBOOK_TEST", "1")
     monkeypatch.setenv("JUPYTER_PATH", _kernelspec(tmp_path))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the notebook's %matplotlib inline sets it anyway
+    # the kernel compiles as a user's does: XLA's default optimization level (the test session compiles
+    # unoptimized, tests/conftest.py; the notebook trains a model, where running costs more than compiling)
+    monkeypatch.setenv("XLA_FLAGS", " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                             if not f.startswith("--xla_backend_optimization_level")))
     # robust_flat and experiments from this checkout, even if the environment's install points elsewhere
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
 

@@ -157,7 +157,7 @@ def test_two_devices_match_one_device(tmp_path):
     train(c, one_dir, progress=False)
     cmd = [sys.executable, "-m", "experiments.cifar10_at", "--config=experiments/configs/clean.py:tiny",
            "--config.train.epochs=1", "--config.optimizer.lr=0.001", f"--run-dir={two_dir}", "--no-progress"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "on 2 device(s)" in proc.stdout
