@@ -587,9 +587,6 @@ def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None
 
     def one(u: Unit, i: int) -> None:
         dep = by_name.get(u.after) if u.after else None
-        if dep is not None:
-            while dep.name not in status and not _STOPPING.is_set():
-                time.sleep(0.2)
         if _STOPPING.is_set():
             return
         if dep is not None and status[dep.name] != "ok":
@@ -623,10 +620,30 @@ def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None
         for i, u in enumerate(todo, 1):
             one(u, i)
         return failed
-    order = training_ahead(todo)
+    # A worker takes the first unit of the queue whose dependency has finished (training_ahead's order), so no
+    # worker sits waiting for a training while another unit could run.
+    pending = list(enumerate(training_ahead(todo), 1))
+    lock = threading.Lock()
+
+    def ready(u: Unit) -> bool:
+        return not u.after or u.after not in by_name or u.after in status
+
+    def worker() -> None:
+        while not _STOPPING.is_set():
+            with lock:
+                if not pending:
+                    return
+                pick = next((k for k, (_, u) in enumerate(pending) if ready(u)), None)
+                item = pending.pop(pick) if pick is not None else None
+            if item is None:
+                time.sleep(0.2)
+                continue
+            i, u = item
+            one(u, i)
+
     pool = ThreadPoolExecutor(workers)
     try:
-        for future in [pool.submit(one, u, i) for i, u in enumerate(order, 1)]:
+        for future in [pool.submit(worker) for _ in range(workers)]:
             future.result()
     except KeyboardInterrupt:
         _STOPPING.set()  # waiting units return instead of starting, finishing ones say "stopped"

@@ -256,6 +256,29 @@ def test_parallel_queue_keeps_one_training_ahead(tmp_path):
     assert [u.name for u in G.training_ahead(done_a)][:3] == ["b/train", "a/m1", "a/m2"]
 
 
+def test_parallel_workers_never_wait_on_a_training_while_another_unit_can_run(tmp_path):
+    """Two workers, queue a/train, b/train, a/m, c/train, b/m, c/m: while a's training runs, the other worker runs
+    b's and then c's training (b's and c's measurements when they can start) instead of waiting for a/m's training.
+    Each stand-in writes its start and end times."""
+    stamp = "import sys, time; open(sys.argv[1], 'a').write(f'{{time.time()}} '); time.sleep({}); " \
+            "open(sys.argv[1], 'a').write(f'{{time.time()}}'); open(sys.argv[1][:-2], 'w').write('ok')"
+    units = []
+    for run, slow in (("a", 3.0), ("b", 0.2), ("c", 0.2)):
+        for kind in ("train", "m"):
+            out = str(tmp_path / f"{run}_{kind}.out")
+            u = _unit(tmp_path, f"{run}/{kind}", "train" if kind == "train" else "rloss",
+                      stamp.format(slow if kind == "train" else 0.1), None if kind == "train" else f"{run}/train", out)
+            u.command.append(out + ".t")  # the stamps (a training's output is the launcher's DONE marker)
+            units.append(u)
+    for u in units:
+        u.state = G.unit_state(u)
+    assert G.run_local(units, workers=2, log=lambda m: None) == []
+    t = {u.name: [float(v) for v in open(u.outputs[0] + ".t").read().split()] for u in units}
+    # b and c trained and were measured while a still trained
+    assert max(t["b/m"][1], t["c/m"][1]) < t["a/train"][1], t
+    assert t["a/m"][0] >= t["a/train"][1]
+
+
 def test_estimates_follow_the_measured_time_of_done_units(tmp_path):
     path = _grid(tmp_path)
     root = tmp_path / "root"
