@@ -2,7 +2,8 @@
 
 Two panels over epochs, loss and error: the per-epoch evaluation's clean (dashed) and PGD robust (solid) values on
 the fixed training (blue) and test (orange) subsets, the training batches as trained (grey, dotted: adversarial for
-AT), and the early-stopping robust error (red dots; the best epoch is marked). The figure is drawn with the Agg
+AT), the averaged weights' robust values (green) when the run averages its weights, and the early-stopping robust
+error (red dots; the best epoch is marked). The figure is drawn with the Agg
 canvas directly (no pyplot, no global state), so it is cheap (well under a second) and safe inside a training run.
 
     from robust_flat.curves import write_curves
@@ -20,7 +21,10 @@ FILENAME = "curves.png"
 # (metric suffix, label, colour, line style); loss keys are "<set>_loss" / "<set>_robust_loss", errors alike
 _SERIES = (("train", "train clean", "C0", "--"), ("train_robust", "train robust (PGD)", "C0", "-"),
            ("test", "test clean", "C1", "--"), ("test_robust", "test robust (PGD)", "C1", "-"),
-           ("batch", "training batches", "0.5", ":"))
+           ("batch", "training batches", "0.5", ":"),
+           # weight averaging (ema.enabled): the averaged model with its own batch-norm statistics
+           ("ema_train_robust", "averaged: train robust", "C2", "-."), ("ema_test_robust", "averaged: test robust",
+                                                                          "C2", "-"))
 
 
 def read_metrics(path: str) -> list:

@@ -213,6 +213,20 @@ def test_curves_png_is_cheap_and_skips_torn_lines(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_curves_show_the_averaged_model_when_the_run_averages():
+    from robust_flat.curves import plot_curves
+
+    base = {"train_robust_loss": 1.0, "test_robust_loss": 1.5, "train_robust_error": 0.4, "test_robust_error": 0.6}
+    ema = {"ema_train_robust_loss": 0.9, "ema_test_robust_loss": 1.4, "ema_train_robust_error": 0.3,
+           "ema_test_robust_error": 0.5}
+
+    def labels(records):
+        return {line.get_label() for ax in plot_curves(records).axes for line in ax.get_lines()}
+
+    assert "averaged: test robust" not in labels([{"epoch": e, **base} for e in (1, 2)])
+    assert {"averaged: test robust", "averaged: train robust"} <= labels([{"epoch": e, **base, **ema} for e in (1, 2)])
+
+
 METHOD_CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "configs"))
                         if f.endswith(".py") and f not in ("__init__.py", "common.py"))
 
