@@ -88,7 +88,7 @@ def test_pgd_tau_is_selected_by_the_config_and_checked():
         PGDConfig(tau=1, best_iterate="batch")
 
 
-def test_larger_eps_keeps_the_step_and_leaves_the_evaluation_radius_alone():
+def test_larger_eps_scales_the_step_and_leaves_the_evaluation_radius_alone():
     from experiments.configs import larger_eps
     from robust_flat.evaluation import PAPER_EPS
 
@@ -96,11 +96,17 @@ def test_larger_eps_keeps_the_step_and_leaves_the_evaluation_radius_alone():
     attack = pgd_at.attack_config(c)
     base = pgd_at.attack_config(pgd_at_config.get_config("tiny"))
     assert attack.eps == 9 / 255 and base.eps == 8 / 255 == PAPER_EPS
-    # the rule: the step size is the config's, independent of eps (the code's lr0007 at every eps)
-    assert attack.step_size == base.step_size == 0.007
-    assert dataclasses.replace(attack, eps=base.eps) == base  # nothing else differs from AT's attack
+    # the rule (attack.step_rule="scaled"): the 8/255 step scaled with eps; AT's default rule keeps the given step
+    assert base.step_size == 0.007 and attack.step_size == pytest.approx(0.007 * 9 / 8)
+    assert dataclasses.replace(attack, eps=base.eps, step_size=base.step_size) == base  # nothing else differs
     c.attack.step_size = 0.002
+    assert pgd_at.attack_config(c).step_size == pytest.approx(0.002 * 9 / 8)
+    c.attack.step_rule = "fixed"  # the released code's: the step as given at every eps
     assert pgd_at.attack_config(c).step_size == 0.002 and pgd_at.attack_config(c).eps == 9 / 255
+    c.attack.eps, c.attack.step_rule = 16 / 255, "scaled"
+    assert pgd_at.attack_config(c).step_size == pytest.approx(0.004)
+    c.attack.step_rule = "sclaed"
+    assert any("attack.step_rule" in p for p in check_config(c))
     # the evaluations take their own --eps, 8/255 by default, whatever the run was trained with
     import experiments.evaluate as evaluate
     import experiments.robust_loss as robust_loss

@@ -18,6 +18,8 @@ VARIANT_OPTIONS = {
                          "tau 0.1, 0.2, 0.3, 0.4, 0.5"),
     "attack.tau": ("PGD-tau: the training attack stops tau iterations after the label flipped (-1: plain PGD)",
                    "tau 0, 1, 2, 3"),
+    "attack.step_rule": ("how the PGD step follows eps: fixed (step_size as given) or scaled (step_size x eps / "
+                         "(8/255))", "larger eps 9/255: scaled (0.007875); the released code: fixed 0.007"),
     "attack.eps": ("training radius (L-inf); evaluations keep their own --eps (8/255)",
                    "8/255; larger eps 9/255 (larger_eps.py)"),
     "attack.steps": ("PGD iterations of the training attack", "7; PGD-5, PGD-14"),
@@ -87,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
         fraction=1.0,        # share of each batch trained adversarially (paper: 1.0; code's 50/50 variant: 0.5)
         unroll=True,         # unrolled PGD loop (2-5x faster than a rolled loop on XLA:CPU)
         tau=-1,              # PGD-tau: stop tau iterations after the label flipped (paper: 0, 1, 2, 3); -1: plain PGD
+        step_rule="fixed",   # fixed: step_size as given; scaled: step_size x eps / (8/255) (step_size is the 8/255 step)
     ))
 
     # weight averaging: tau (paper: 0.98, 0.985, 0.99, 0.9975); the average's batch-norm statistics are re-estimated at

@@ -31,6 +31,7 @@ SCHEDULES = ("multistep", "constant", "cyclic")                    # training/op
 MODEL_NORMS = ("rebn", "bn", "none")                               # models/layers.py make_norm
 ATTACK_NORMS = ("linf", "l2")                                      # attacks/pgd.py PGDConfig
 ATTACK_INITS = ("uniform_norm", "uniform", "small_normal", "zero")  # attacks/common.py init_delta
+STEP_RULES = ("fixed", "scaled")  # training/pgd_at.py attack_config
 BEST_ITERATES = ("batch", "last", "example")                       # attacks/pgd.py PGDConfig (TRADES)
 PIXEL_SCALES = (255.0, 1.0)                                        # data.py validate
 # the methods whose training loss is the cross-entropy, where train.label_smoothing applies (training/update.py)
@@ -70,7 +71,8 @@ def _choices() -> dict:
 
     return {"method": tuple(METHODS), "model.name": tuple(MODELS), "model.activation": tuple(ACTIVATIONS),
             "model.norm": MODEL_NORMS, "model.dtype": tuple(COMPUTE_DTYPES), "data.dataset": tuple(NUM_CLASSES),
-            "attack.norm": ATTACK_NORMS, "attack.init": ATTACK_INITS, "optimizer.name": OPTIMIZERS,
+            "attack.norm": ATTACK_NORMS, "attack.init": ATTACK_INITS, "attack.step_rule": STEP_RULES,
+            "optimizer.name": OPTIMIZERS,
             "optimizer.schedule": SCHEDULES, "trades.best_iterate": BEST_ITERATES}
 
 

@@ -18,10 +18,11 @@ from robust_flat.training.update import prepare_images, step_options, supervised
 
 def attack_config(config, steps: Optional[int] = None, restarts: Optional[int] = None) -> PGDConfig:
     """The training attack of every adversarial method, from the ``attack`` block: the one translation from config
-    to attack. ``eps`` and ``step_size`` are taken as given, independently: the paper's larger-eps models (9/255,
-    experiments/configs/larger_eps.py) keep the step 0.007 of the 8/255 recipe, as the released code's registry does
-    (its eps variants 0.0235 ... 0.0352 all use ``lr0007``); ``--config.attack.step_size`` sets another. The
-    evaluation attacks (experiments/evaluate.py, robust_loss.py, flatness.py) take their own ``--eps`` (8/255).
+    to attack. The step size follows eps by ``attack.step_rule``: ``fixed`` (the default) takes ``step_size`` as
+    given whatever eps, as the released code's registry does for its eps variants (0.0235 ... 0.0352 all use
+    ``lr0007``); ``scaled`` reads ``step_size`` as the step at eps = 8/255 and scales it with eps, ``step_size x eps /
+    (8/255)``, so PGD-k covers the same share of the ball at every radius (the larger-eps models,
+    experiments/configs/larger_eps.py: 9/255 -> 0.007875; docs/paper-vs-code.md#larger-eps). The evaluation attacks (experiments/evaluate.py, robust_loss.py, flatness.py) take their own ``--eps`` (8/255).
     ``attack.tau`` >= 0 selects PGD-tau (-1: plain PGD).
 
     With ``steps`` and/or ``restarts`` it is the trainer's evaluation attack of the same block (per-epoch curves:
@@ -29,7 +30,8 @@ def attack_config(config, steps: Optional[int] = None, restarts: Optional[int] =
     PGD-tau), eps, step size, norm and init as in training."""
     a = config.attack
     evaluation = steps is not None or restarts is not None
-    return PGDConfig(eps=a.eps, step_size=a.step_size, steps=a.steps if steps is None else int(steps), norm=a.norm,
+    step = a.step_size * (a.eps / (8 / 255) if a.get("step_rule", "fixed") == "scaled" else 1.0)
+    return PGDConfig(eps=a.eps, step_size=step, steps=a.steps if steps is None else int(steps), norm=a.norm,
                      init=a.init, restarts=a.restarts if restarts is None else int(restarts), unroll=a.unroll,
                      tau=None if evaluation or a.tau < 0 else int(a.tau))
 
