@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -128,14 +128,15 @@ class Checkpointer:
                                   "was written")
         return out.state, meta
 
-    def restore_intact(self, which: str, target: Any):
+    def restore_intact(self, which: str, target: Any, restore: Optional[Callable] = None):
         """Restore the newest checkpoint of ``which`` that reads back intact. Returns ``(state, meta, step,
         damaged)`` with ``damaged`` the ``(step, reason)`` of newer checkpoints that failed, newest first; raises
-        :class:`CheckpointError` when none is intact."""
+        :class:`CheckpointError` when none is intact. ``restore(which, step, target)`` replaces :meth:`restore`
+        (e.g. one that also reads older layouts of the state)."""
         damaged = []
         for step in sorted(self.all_steps(which), reverse=True):
             try:
-                state, meta = self.restore(which, step, target)
+                state, meta = (restore or self.restore)(which, step, target)
             except CheckpointError as e:
                 damaged.append((step, str(e)))
                 continue

@@ -118,7 +118,7 @@ def check_snapshot(text: str):
     return int(text)
 
 
-def _restore(ckpt, which: str, step: int, abstract_state):
+def restore_state(ckpt, which: str, step: int, abstract_state):
     """Restore into ``abstract_state``; a checkpoint of the layout before ``TrainState.ema_model_state`` (written by
     earlier versions, without weight averaging) restores into :class:`LegacyTrainState` and is converted."""
     try:
@@ -172,7 +172,7 @@ def load_run(run_dir: str, snapshot="last") -> LoadedRun:
         shape = ckpt.read_meta(which, step).get("input_shape") or DEFAULT_INPUT_SHAPE
         abstract_state = jax.eval_shape(lambda: build(config, shape, 1)[2])
         try:
-            state, meta = _restore(ckpt, which, step, abstract_state)
+            state, meta = restore_state(ckpt, which, step, abstract_state)
         except CheckpointError as e:
             advice = ("; rerun the training command: it resumes from the previous intact rolling checkpoint and "
                       "writes this one again" if which == "latest" else

@@ -199,3 +199,31 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_earlier
     monkeypatch.undo()
     restored, meta = Checkpointer(str(tmp_path)).restore("latest", target=state)
     assert meta["epoch"] == 1 and np.array_equal(restored["w"], state["w"])
+
+
+def test_a_run_checkpointed_before_the_state_had_ema_model_state_resumes(tmp_path, monkeypatch):
+    """Rolling checkpoints written in the layout of earlier versions (no ``TrainState.ema_model_state``) resume:
+    the trainer falls back to that layout as load_run does (the CPU grid's at_wd5e-3 refused to resume)."""
+    import dataclasses
+
+    from robust_flat.training.state import LegacyTrainState
+
+    real = Checkpointer.save
+
+    def save_legacy(self, which, step, state, meta):
+        old = LegacyTrainState(**{f.name: getattr(state, f.name) for f in dataclasses.fields(LegacyTrainState)})
+        return real(self, which, step, old, meta)
+
+    c = _config()
+    c.train.epochs = 1
+    run_dir = str(tmp_path / "run")
+    monkeypatch.setattr(Checkpointer, "save", save_legacy)
+    train(c, run_dir, progress=False)  # every checkpoint in the old layout
+    monkeypatch.setattr(Checkpointer, "save", real)
+    c.train.epochs = 2
+    with pytest.raises(TrainingError, match="different config"):  # a finished 1-epoch run is not a 2-epoch run
+        train(c, run_dir, progress=False)
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", "latest", "8"))  # the end of epoch 1: resume mid-epoch
+    c.train.epochs = 1
+    state = train(c, run_dir, progress=False)
+    assert int(state.step) == 8 and "RESUME: step 6" in open(os.path.join(run_dir, "log.txt")).read()

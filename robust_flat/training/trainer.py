@@ -50,7 +50,7 @@ from robust_flat.run_lock import RunLock, RunLocked
 from robust_flat.training import make_step
 from robust_flat.training.averaging import recalibrate
 from robust_flat.training.monitor import Schedule, bn_batches, eval_cost, make_evaluators
-from robust_flat.runs import build
+from robust_flat.runs import build, restore_state
 from robust_flat.training.state import TrainState
 from robust_flat.training.update import augmentation
 
@@ -336,7 +336,8 @@ def _train(config, run_dir: str, progress: bool, primary: bool) -> TrainState:
     state = jax.device_put(jax.device_get(state) if n_proc > 1 else state, repl)
     if ckpt.latest_step() is not None:
         newest = ckpt.latest_step()
-        state, meta, restored, damaged = ckpt.restore_intact("latest", target=state)
+        state, meta, restored, damaged = ckpt.restore_intact(
+            "latest", target=state, restore=lambda which, step, target: restore_state(ckpt, which, step, target))
         for bad, why in damaged:
             log(f"WARNING: {why}; resuming from the previous intact checkpoint instead (step {restored}): "
                 f"{bad - restored} steps are redone")
