@@ -186,7 +186,7 @@ def train_passes_per_image(config) -> float:
     k = float(config.attack.steps)
     if config.method == "pgd_at":
         k *= float(config.attack.get("fraction", 1.0))
-    extra = {"awp": lambda: float(config.awp.steps), "sam": lambda: 1.0}.get(config.method, lambda: 0.0)()
+    extra = float(config.awp.steps) if config.method == "awp" else 1.0 if config.method == "sam" else 0.0
     return (k + 2.0 + extra) * (5.0 if config.method == "ssl" else 1.0)
 
 
