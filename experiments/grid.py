@@ -80,6 +80,7 @@ class Unit:
     after: Optional[str] = None   # name of the unit this one needs
     state: str = "to do"
     same_as: Optional[dict] = None  # snapshot "best": {epoch: unit measuring that epoch's model}, see es_epoch
+    stage: int = 0                # --order snapshot: 0 the final model, 1 the early-stopped one, 2 + epoch the others
 
 
 def _load_module(path: str):
@@ -295,7 +296,9 @@ def plan(grid, root: str, data_dir: Optional[str], python: str = sys.executable)
                 continue
             for snap in _select_snapshots(spec, run):
                 order = snap if isinstance(snap, int) else run.epochs + 1 + ("last", "best").index(snap)
+                stage = 0 if snap in ("last", run.epochs) else 1 if snap == "best" else 2 + snap
                 for u in _measure_units(name, spec, run, snap, rdir, logs, base, python, grad_s, train.name):
+                    u.stage = stage
                     keyed.append(((order, MEASURES.index(name)), u))
         ordered = [u for _, u in sorted(keyed, key=lambda t: t[0])]
         names = {u.name for u in ordered}
@@ -391,19 +394,31 @@ def es_epoch(run_dir: str) -> Optional[int]:
 
 
 def reuse_same_model(unit: Unit, by_name: dict) -> Optional[str]:
-    """For a unit on the early-stopped model whose epoch another unit of the grid measured already: copy that result
-    (the same weights, the same settings) instead of recomputing it; returns the other unit's name, or None."""
-    if not unit.same_as:
-        return None
-    epoch = es_epoch(os.path.dirname(os.path.dirname(unit.outputs[0])))
-    other = by_name.get(unit.same_as.get(epoch)) if epoch is not None else None
+    """A unit whose model another unit of the grid measured already, the same weights with the same settings: the
+    early-stopped model at a snapshot epoch that was measured (or, under ``--order snapshot``, where the early-stopped
+    model goes first, a snapshot epoch that is the early-stopped one). Copies that result instead of recomputing it
+    and returns the other unit's name, or None."""
+    if unit.same_as:
+        epoch = es_epoch(os.path.dirname(os.path.dirname(unit.outputs[0])))
+        other = by_name.get(unit.same_as.get(epoch)) if epoch is not None else None
+        snapshot = "best"
+    else:
+        other = snapshot = None
+        for best in by_name.values():
+            if best.same_as and unit.name in best.same_as.values():
+                epoch = es_epoch(os.path.dirname(os.path.dirname(best.outputs[0])))
+                if epoch is not None and best.same_as.get(epoch) == unit.name:
+                    other, snapshot = best, unit.command[unit.command.index("--snapshot") + 1]
+                break
     if other is None or not all(os.path.exists(p) for p in other.outputs):
         return None
     from robust_flat.io import atomic_write_json
 
     with open(other.outputs[0]) as f:
         result = json.load(f)
-    result.update(snapshot="best", same_as=os.path.basename(other.outputs[0]))
+    if result.get("same_as"):  # a copy itself: its source is the measurement
+        return None
+    result.update(snapshot=snapshot, same_as=os.path.basename(other.outputs[0]))
     atomic_write_json(unit.outputs[0], result, indent=2)
     record_settings(unit.command, unit.log)
     return other.name
@@ -576,9 +591,20 @@ def _marker(unit: Unit) -> Optional[str]:
     return unit.outputs[0] if unit.kind == "train" else None
 
 
-def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None] = print) -> list[Unit]:
-    """Run the units that are not done; a unit waits for the unit it needs. Returns the failed units."""
+ORDERS = ("run", "snapshot")
+
+
+def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None] = print,
+              order: str = "run") -> list[Unit]:
+    """Run the units that are not done; a unit waits for the unit it needs. Returns the failed units. ``order``:
+    ``run`` completes run after run (training_ahead's queue with several workers); ``snapshot`` trains every run
+    first, then measures the final model of every run, then the early-stopped one, then the other snapshots epoch by
+    epoch (snapshot_ahead), so a grid stopped halfway holds every run's final and best model measured."""
+    if order not in ORDERS:
+        raise GridError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
     todo = [u for u in units if u.state != "done"]
+    if order == "snapshot":
+        todo = snapshot_ahead(todo)
     by_name = {u.name: u for u in units}
     failed: list[Unit] = []
     status: dict[str, str] = {u.name: "ok" for u in units if u.state == "done"}
@@ -597,7 +623,7 @@ def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None
         if same is not None:
             status[u.name] = "ok"
             u.state = "done"
-            log(f"[{i}/{total}] {u.name}: the early-stopped model is the one {same} measured; its result copied")
+            log(f"[{i}/{total}] {u.name}: the same model as {same}, whose result is copied")
             return
         start = time.time()
         log(f"[{i}/{total}] {u.name}: {'resuming' if u.state == 'partial' else 'starting'} "
@@ -622,7 +648,7 @@ def run_local(units: Sequence[Unit], workers: int = 1, log: Callable[[str], None
         return failed
     # A worker takes the first unit of the queue whose dependency has finished (training_ahead's order), so no
     # worker sits waiting for a training while another unit could run.
-    pending = list(enumerate(training_ahead(todo), 1))
+    pending = list(enumerate(training_ahead(todo) if order == "run" else todo, 1))
     lock = threading.Lock()
 
     def ready(u: Unit) -> bool:
@@ -742,6 +768,14 @@ def grid_record(grid, runs: Sequence[Run], path: str) -> dict:
             "measures": check_measures(grid, runs)}  # with the grid's eps in each measure that takes it
 
 
+def snapshot_ahead(units: Sequence[Unit]) -> list[Unit]:
+    """The queue of ``--order snapshot``: every training (in run order), then the measurements stage by stage (the
+    final model of every run, the early-stopped model of every run, then each other snapshot epoch), in run order
+    within a stage."""
+    train = [u for u in units if u.kind == "train"]
+    return train + sorted((u for u in units if u.kind != "train"), key=lambda u: u.stage)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.grid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -752,6 +786,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated run labels to run (default: all)")
     p.add_argument("--launcher", choices=("local", "slurm"), default="local")
     p.add_argument("--workers", type=int, default=1, help="local launcher: units at once")
+    p.add_argument("--order", choices=ORDERS, default="run",
+                   help="local launcher: 'run' completes one run after the other; 'snapshot' trains every run first, "
+                        "then measures every run's final model, then every early-stopped model, then the other "
+                        "snapshots epoch by epoch (a grid stopped early still compares all runs)")
     p.add_argument("--partition", default=None, help="slurm: partition")
     p.add_argument("--gpus", type=int, default=1, help="slurm: GPUs per job")
     p.add_argument("--cpus", type=int, default=8, help="slurm: CPUs per job")
@@ -794,7 +832,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         failed = run_submitit(units, os.path.join(root, "_submitit"), partition=args.partition, gpus=args.gpus,
                               cpus=args.cpus, time_min=args.time_min)
     else:
-        failed = run_local(units, args.workers, log=lambda m: print(m, file=sys.__stdout__, flush=True))
+        failed = run_local(units, args.workers, log=lambda m: print(m, file=sys.__stdout__, flush=True),
+                           order=args.order)
     if failed:
         print(f"{len(failed)} unit(s) failed: " + ", ".join(f"{u.name} ({u.log})" for u in failed), file=sys.stderr)
         return 1

@@ -369,3 +369,41 @@ def test_a_result_made_with_other_settings_is_stale_and_recomputed_fresh(tmp_pat
     G.record_settings(stale.command, stale.log)  # after the rerun
     _, units = G.plan(G.load_grid(changed), str(root), "DATA")
     assert next(x for x in units if x.name == "a/avg_last").state == "done"
+
+
+def test_snapshot_order_trains_every_run_then_measures_final_then_best_then_the_other_epochs(tmp_path):
+    text = GOOD.replace('"avg": dict(snapshots="last",', '"avg": dict(snapshots="2,4,best",')
+    _, units = G.plan(G.load_grid(_grid(tmp_path, text)), str(tmp_path / "root"), None)
+    names = [u.name for u in G.snapshot_ahead(units)]
+    assert names[:2] == ["a/train", "b/train"] and sorted(names) == sorted(u.name for u in units)
+    stage = {n: i for i, n in enumerate(names)}
+    finals = [n for n in names if n.endswith(("_ep4", "_last"))]
+    bests = [n for n in names if n.endswith("_best")]
+    others = [n for n in names if n.endswith("_ep2")]
+    assert finals and bests and others
+    assert max(stage[n] for n in finals) < min(stage[n] for n in bests)
+    assert max(stage[n] for n in bests) < min(stage[n] for n in others)
+    assert [n.split("/")[0] for n in finals] == sorted(n.split("/")[0] for n in finals)  # run order within a stage
+    with pytest.raises(G.GridError, match="unknown order"):
+        G.run_local(units, order="breadth")
+
+
+def test_a_snapshot_that_is_the_early_stopped_model_reuses_the_result_of_best(tmp_path):
+    """--order snapshot measures the early-stopped model first: the snapshot of the same epoch copies its result."""
+    text = GOOD.replace('"avg": dict(snapshots="last",', '"avg": dict(snapshots="2,4,best",')
+    root = tmp_path / "root"
+    _, units = G.plan(G.load_grid(_grid(tmp_path, text)), str(root), None)
+    by = {u.name: u for u in units}
+    (root / "a").mkdir(parents=True)
+    with open(root / "a" / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"epoch": 2, "es_robust_error": 0.4}) + "\n" + json.dumps({"epoch": 4, "es_robust_error": 0.5}) + "\n")
+    assert G.reuse_same_model(by["a/avg_ep2"], by) is None  # best not measured yet: compute
+    os.makedirs(os.path.dirname(by["a/avg_best"].outputs[0]))
+    with open(by["a/avg_best"].outputs[0], "w") as f:
+        json.dump({"flatness": 0.3, "epoch": 2, "snapshot": "best"}, f)
+    assert G.reuse_same_model(by["a/avg_ep4"], by) is None  # another epoch: compute
+    assert G.reuse_same_model(by["a/avg_ep2"], by) == "a/avg_best"
+    copied = json.load(open(by["a/avg_ep2"].outputs[0]))
+    assert copied["flatness"] == 0.3 and copied["epoch"] == 2 and copied["snapshot"] == "2"
+    assert G.unit_state(by["a/avg_ep2"]) == "done"
+    assert not os.path.exists(by["a/avg_ep4"].outputs[0])
