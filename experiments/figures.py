@@ -58,9 +58,11 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: str) -> None:
+def _save(plt, fig, path: str, rect=None) -> None:
+    """Lay out ``fig`` (``rect``: the part of the figure the axes fill, leaving room for a figure legend), write it
+    to ``path`` atomically and close it."""
     try:
-        fig.tight_layout()
+        fig.tight_layout(rect=rect)
         atomic_save_figure(path, fig, dpi=DPI)
     finally:
         plt.close(fig)
@@ -124,11 +126,7 @@ def scatter(analysis: "Analysis", path: str) -> bool:
     fig.legend(handles=_group_handles(plt, analysis.colours, groups), loc="upper center",
                ncol=min(len(set(groups)), 6), bbox_to_anchor=(0.5, 1.0))
     fig.suptitle("one point per model (last: filled, early-stopped: hollow)", y=0.955, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    try:
-        atomic_save_figure(path, fig, dpi=DPI)
-    finally:
-        plt.close(fig)
+    _save(plt, fig, path, rect=(0, 0, 1, 0.94))
     return True
 
 
@@ -197,11 +195,7 @@ def curves(analysis: "Analysis", path: str) -> bool:
         ax.set_visible(False)
     fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=min(len(legend), 5), fontsize=8,
                bbox_to_anchor=(0.5, 1.0))
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.6 * rows)))
-    try:
-        atomic_save_figure(path, fig, dpi=DPI)
-    finally:
-        plt.close(fig)
+    _save(plt, fig, path, rect=(0, 0, 1, 1 - 0.5 / (3.6 * rows)))
     return True
 
 
@@ -255,11 +249,7 @@ def es_vs_last(analysis: "Analysis", path: str) -> bool:
                Line2D([], [], marker="o", ls="", mec="0.3", mfc="none", label="early-stopped")]
     handles += _group_handles(plt, analysis.colours, [r.group for r in runs])
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), bbox_to_anchor=(0.5, 1.0))
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.6 * nrows)))
-    try:
-        atomic_save_figure(path, fig, dpi=DPI)
-    finally:
-        plt.close(fig)
+    _save(plt, fig, path, rect=(0, 0, 1, 1 - 0.45 / (3.6 * nrows)))
     return True
 
 
