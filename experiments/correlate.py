@@ -744,19 +744,31 @@ def add_statistics_options(p: argparse.ArgumentParser) -> None:
                    help="bootstrap interval (default percentile)")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Analysis:
-    args = build_parser().parse_args(argv)
+def analyse_args(paths: Sequence[str], args: argparse.Namespace) -> Analysis:
+    """:func:`analyse` of ``paths`` into ``args.out`` with the options of :func:`add_statistics_options` (checked:
+    ``--resamples`` >= 1, ``--confidence`` in (0, 1), else :class:`CorrelateError`)."""
     if args.resamples < 1 or not 0 < args.confidence < 1:
         raise CorrelateError("--resamples must be >= 1 and --confidence in (0, 1)")
-    analysis = analyse(args.paths, args.out, n_resamples=args.resamples, seed=args.seed,
-                       confidence_level=args.confidence, ci_method=args.ci_method)
-    print("\n".join(summary(analysis)))
-    return analysis
+    return analyse(paths, args.out, n_resamples=args.resamples, seed=args.seed, confidence_level=args.confidence,
+                   ci_method=args.ci_method)
 
 
-if __name__ == "__main__":
+def run_main(main: Callable[[Sequence[str]], Any]) -> None:
+    """``python -m`` of this module and of ``experiments.report``: ``main`` on the command line; a
+    :class:`CorrelateError` (bad input) is one line ``error: ...`` on stderr and exit status 2."""
     try:
         main(sys.argv[1:])
     except CorrelateError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Analysis:
+    args = build_parser().parse_args(argv)
+    analysis = analyse_args(args.paths, args)
+    print("\n".join(summary(analysis)))
+    return analysis
+
+
+if __name__ == "__main__":
+    run_main(main)

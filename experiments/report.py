@@ -21,11 +21,10 @@ import dataclasses
 import importlib.metadata
 import json
 import os
-import sys
 from typing import Any, Optional, Sequence
 
 from experiments import correlate
-from experiments.correlate import Analysis, CorrelateError, Run, find, fmt
+from experiments.correlate import Analysis, Run, find, fmt
 from robust_flat import stats
 from robust_flat.io import atomic_write_text
 
@@ -581,10 +580,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         "report can be regenerated where the runs are not)")
     correlate.add_statistics_options(p)
     args = p.parse_args(argv)
-    if args.resamples < 1 or not 0 < args.confidence < 1:
-        raise CorrelateError("--resamples must be >= 1 and --confidence in (0, 1)")
-    analysis = correlate.analyse(args.roots, args.out, n_resamples=args.resamples, seed=args.seed,
-                                 confidence_level=args.confidence, ci_method=args.ci_method)
+    analysis = correlate.analyse_args(args.roots, args)
     results = verdicts(analysis)
     if not args.no_archive:
         n = archive_results(args.roots, args.out)
@@ -598,8 +594,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except CorrelateError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    correlate.run_main(main)
