@@ -6,6 +6,7 @@ works on all models of this package by name alone.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -203,6 +204,55 @@ class RotationHead(nn.Module):
         h = nn.Dense(self.hidden, kernel_init=dense_init, dtype=dt, name="dense1")(features)
         h = get_activation(self.activation)(make_norm(self.norm, "norm1", self.dtype)(h, train))
         return nn.Dense(ROTATIONS, kernel_init=dense_init, dtype=dt, name="dense2")(h).astype(jnp.float32)
+
+
+def layer_partials(module: nn.Module):
+    """``(conv, norm, act)``: the layers a model or a block is built from, configured by its ``dtype``, ``norm`` and
+    ``activation`` fields once (as the flax examples' ``conv = partial(nn.Conv, use_bias=False, dtype=...)``).
+
+    ``conv(features, kernel_size, strides, padding=..., name=...)`` is an ``nn.Conv`` without bias (pass
+    ``use_bias=True`` for one) with the Kaiming fan-out init and the compute dtype; ``norm(name)`` the normalization
+    layer of ``module.norm`` (called as ``norm(name)(x, train)``); ``act`` the activation function.
+    """
+    conv = partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=compute_dtype(module.dtype))
+    norm = partial(make_norm, module.norm, dtype=module.dtype)
+    return conv, norm, get_activation(module.activation)
+
+
+class Block(nn.Module):
+    """The fields of the residual blocks (constructed positionally by their models, in this order); a block adds
+    its own after them."""
+
+    channels: int
+    stride: int
+    activation: str = "relu"
+    norm: str = "rebn"
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
+
+
+class Classifier(nn.Module):
+    """The fields every model of this package has, and its input end (:meth:`whitened`); the output end is
+    :func:`model_output`. The models add their own architecture fields after these (construct them by keyword).
+
+    ``whiten`` (default True): clamp the input to [0, 1] and whiten it with ``whiten_mean``/``whiten_std`` (``None``,
+    the default: CIFAR-10's constants, the paper's); ``whiten=False`` feeds the input to the first layer unchanged.
+    ``rotation_head``: hidden width of the auxiliary rotation head (0, the default: none; self-supervised AT: 256).
+    """
+
+    num_classes: int = 10
+    activation: str = "relu"
+    norm: str = "rebn"
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
+    whiten: bool = True
+    whiten_mean: Optional[Sequence[float]] = None  # None: CIFAR-10's
+    whiten_std: Optional[Sequence[float]] = None
+    rotation_head: int = 0
+
+    def whitened(self, x):
+        """The input clamped and whitened by the model's ``whiten`` layer, or ``x`` itself with ``whiten=False``."""
+        return make_whiten(self.whiten_mean, self.whiten_std, self.dtype)(x) if self.whiten else x
 
 
 def model_output(model: nn.Module, features, train: bool, output: str):

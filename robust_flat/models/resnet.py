@@ -11,67 +11,43 @@ default); ``whiten_mean``/``whiten_std`` replace the CIFAR-10 whitening constant
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax.numpy as jnp
 import flax.linen as nn
 
-from robust_flat.models.layers import (compute_dtype, conv_init, get_activation, make_norm, make_whiten,
-                                      model_output)
+from robust_flat.models.layers import Block, Classifier, layer_partials, model_output
 
 
-class BasicBlock(nn.Module):
-    channels: int
-    stride: int
-    activation: str = "relu"
-    norm: str = "rebn"
-    dropout: float = 0.0
-    dtype: str = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
+class BasicBlock(Block):
     conv_bias: bool = True  # bias in the 1x1 shortcut conv (Stutz et al.: yes; torchvision / RobustBench: no)
 
     @nn.compact
     def __call__(self, x, train: bool):
-        dt = compute_dtype(self.dtype)
-        act = get_activation(self.activation)
-        out = nn.Conv(self.channels, (3, 3), (self.stride, self.stride), padding=1, use_bias=False,
-                      kernel_init=conv_init, dtype=dt, name="conv1")(x)
-        out = act(make_norm(self.norm, "norm1", self.dtype)(out, train))
-        out = nn.Conv(self.channels, (3, 3), padding=1, use_bias=False, kernel_init=conv_init, dtype=dt,
-                      name="conv2")(out)
+        conv, norm, act = layer_partials(self)
+        strides = (self.stride, self.stride)
+        out = act(norm("norm1")(conv(self.channels, (3, 3), strides, padding=1, name="conv1")(x), train))
+        out = conv(self.channels, (3, 3), padding=1, name="conv2")(out)
         if self.dropout > 0:
             # Paper/code: Dropout(p=0.1) before the second norm of each block.
             out = nn.Dropout(self.dropout, deterministic=not train)(out)
-        out = make_norm(self.norm, "norm2", self.dtype)(out, train)
+        out = norm("norm2")(out, train)
         if self.stride != 1 or x.shape[-1] != self.channels:
-            x = nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=self.conv_bias,
-                        kernel_init=conv_init, dtype=dt, name="shortcut_conv")(x)
-            x = make_norm(self.norm, "shortcut_norm", self.dtype)(x, train)
+            x = conv(self.channels, (1, 1), strides, use_bias=self.conv_bias, name="shortcut_conv")(x)
+            x = norm("shortcut_norm")(x, train)
         return act(out + x)
 
 
-class ResNet(nn.Module):
-    num_classes: int = 10
+class ResNet(Classifier):
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     width: int = 64
-    activation: str = "relu"
-    norm: str = "rebn"
-    dropout: float = 0.0
-    dtype: str = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
-    whiten: bool = True
-    whiten_mean: Optional[Sequence[float]] = None  # None: CIFAR-10's
-    whiten_std: Optional[Sequence[float]] = None
     conv_bias: bool = True  # bias in the stem and shortcut convs (Stutz et al.: yes; torchvision / RobustBench: no)
-    rotation_head: int = 0  # hidden width of the auxiliary rotation head (0: none; self-supervised AT: 256)
 
     @nn.compact
     def __call__(self, x, train: bool = False, output: str = "logits"):
-        dt = compute_dtype(self.dtype)
-        act = get_activation(self.activation)
-        if self.whiten:
-            x = make_whiten(self.whiten_mean, self.whiten_std, self.dtype)(x)
-        x = nn.Conv(self.width, (3, 3), padding=1, use_bias=self.conv_bias, kernel_init=conv_init, dtype=dt,
-                    name="conv1")(x)
-        x = act(make_norm(self.norm, "norm1", self.dtype)(x, train))
+        conv, norm, act = layer_partials(self)
+        x = conv(self.width, (3, 3), padding=1, use_bias=self.conv_bias, name="conv1")(self.whitened(x))
+        x = act(norm("norm1")(x, train))
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 stride = 2 if (i > 0 and j == 0) else 1

@@ -16,42 +16,31 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax.numpy as jnp
 import flax.linen as nn
 
-from robust_flat.models.layers import (Whiten, compute_dtype, conv_init, dense_init, get_activation, make_norm,
-                                      max_pool_2x2, model_output)
+from robust_flat.models.layers import Classifier, compute_dtype, dense_init, layer_partials, max_pool_2x2, model_output
 
 
-class SmallCNN(nn.Module):
-    num_classes: int = 10
+class SmallCNN(Classifier):
+    norm: str = "none"
     channels: Sequence[int] = (32, 64)
     hidden: int = 128
     width: int = 1
-    activation: str = "relu"
-    norm: str = "none"
-    dropout: float = 0.0
-    dtype: str = "float32"  # compute dtype: float32 (paper) | bfloat16 (params stay float32)
-    whiten: bool = True
-    rotation_head: int = 0  # hidden width of the auxiliary rotation head (0: none; self-supervised AT: 256)
 
     @nn.compact
     def __call__(self, x, train: bool = False, output: str = "logits"):
-        dt = compute_dtype(self.dtype)
-        act = get_activation(self.activation)
-        if self.whiten:
-            x = Whiten(dtype=self.dtype, name="whiten")(x)
+        conv, norm, act = layer_partials(self)
+        x = self.whitened(x)
         k = 0
         for stage, c in enumerate(self.channels):
             for _ in range(2):
                 k += 1
-                x = nn.Conv(c * self.width, (3, 3), padding=1, use_bias=True, kernel_init=conv_init,
-                            dtype=dt, name=f"conv{k}")(x)
-                x = act(make_norm(self.norm, f"norm{k}", self.dtype)(x, train))
+                x = act(norm(f"norm{k}")(conv(c * self.width, (3, 3), padding=1, use_bias=True, name=f"conv{k}")(x),
+                                         train))
             x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
-        x = nn.Dense(self.hidden * self.width, kernel_init=dense_init, dtype=dt, name="fc1")(x)
-        x = act(make_norm(self.norm, "norm_fc1", self.dtype)(x, train))
+        x = nn.Dense(self.hidden * self.width, kernel_init=dense_init, dtype=compute_dtype(self.dtype), name="fc1")(x)
+        x = act(norm("norm_fc1")(x, train))
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return model_output(self, x, train, output)
