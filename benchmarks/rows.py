@@ -230,8 +230,9 @@ def row_hvp(s: Setup, with_torch: bool, switch_off: bool) -> list[Variant]:
     v = jax.random.normal(jax.random.key(0), (op.dim,))
     variant = Variant("jax", lambda: _block(op.matvec(v)), compile_method="first call - median")
     try:  # the operator's own jitted HVP (private name: fall back to the first-call estimate if it moves)
-        xb, yb, wb, _ = op._batches[0]
-        _, lo, co, ynn = _compile(hessian._hvp_jit, s.logits_fn, op.selected, op.rest, s.model_state, xb, yb, wb, v)
+        b = op._batches[0]
+        _, lo, co, ynn = _compile(hessian._hvp_jit, s.logits_fn, op.selected, op.rest, s.model_state, b.x, b.y, b.mask,
+                                  v)
         variant.lower_s, variant.compile_s, variant.compile_method = lo, co, "lower()+compile()"
         variant.info["ynn"] = ynn
     except Exception as e:  # noqa: BLE001

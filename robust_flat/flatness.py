@@ -56,8 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_flat import xla
-from robust_flat.attacks.common import check_inputs, cross_entropy
+from robust_flat.attacks.common import check_data, cross_entropy
 from robust_flat.attacks.pgd import PGDConfig, pgd
+from robust_flat.batching import padded_batches
 from robust_flat.weights import adversarial as wadv
 from robust_flat.weights import neighbourhood as nbh
 from robust_flat.weights import random as wrandom
@@ -88,16 +89,22 @@ def default_strategy(backend: Optional[str] = None) -> str:
     return "loop"
 
 
-def _check_common(strategy, chunk_size, nu_per, batch_size):
-    if strategy is not None and strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if nu_per not in NU_PER:
-        raise ValueError(f"unknown nu_per {nu_per!r}; choose dataset (one nu for the whole dataset, the default) "
-                         "or batch (a new nu per batch)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+def _check_common(config, units: str, attack: str, input_attack: Optional[PGDConfig]):
+    """The checks both measures' configs share; ``units``: the field counting samples/restarts, ``attack``: the
+    name of the input attack's field (``input_attack``: its value)."""
+    if getattr(config, units) < 1:
+        raise ValueError(f"{units} must be >= 1, got {getattr(config, units)}")
+    if (input_attack is None) != (config.reference_attack is None):
+        raise ValueError(f"{attack} and reference_attack must both be set (robust loss) or both be None (clean loss)")
+    if config.strategy is not None and config.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {config.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if config.chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {config.chunk_size}")
+    if config.nu_per not in NU_PER:
+        raise ValueError(f"unknown nu_per {config.nu_per!r}; choose dataset (one nu for the whole dataset, the "
+                         "default) or batch (a new nu per batch)")
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,14 +122,10 @@ class AverageCaseConfig:
     chunk_size: int = 2
 
     def __post_init__(self):
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        _check_common(self, "samples", "attack", self.attack)
         if self.distribution not in wrandom.DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {self.distribution!r}; choose one of "
                              f"{', '.join(wrandom.DISTRIBUTIONS)}")
-        if (self.attack is None) != (self.reference_attack is None):
-            raise ValueError("attack and reference_attack must both be set (robust loss) or both be None (clean loss)")
-        _check_common(self.strategy, self.chunk_size, self.nu_per, self.batch_size)
 
     @property
     def robust(self) -> bool:
@@ -148,17 +151,12 @@ class WorstCaseConfig:
     chunk_size: int = 2
 
     def __post_init__(self):
-        if self.restarts < 1:
-            raise ValueError(f"restarts must be >= 1, got {self.restarts}")
+        _check_common(self, "restarts", "attack.input_attack", self.attack.input_attack)
         if self.attack.restarts != 1:
             raise ValueError("WorstCaseConfig.attack.restarts must be 1: restarts are taken over the whole dataset "
                              "(WorstCaseConfig.restarts)")
-        if (self.attack.input_attack is None) != (self.reference_attack is None):
-            raise ValueError("attack.input_attack and reference_attack must both be set (robust loss) or both be "
-                             "None (clean loss)")
         if self.nu_per == "dataset" and self.attack.best_iterate != "last":
             raise ValueError("nu_per='dataset' (the code's shared nu) returns the last iterate only")
-        _check_common(self.strategy, self.chunk_size, self.nu_per, self.batch_size)
 
     @property
     def robust(self) -> bool:
@@ -209,40 +207,6 @@ def config_to_dict(config) -> dict:
             return getattr(v, "__name__", repr(v))
         return v
     return conv(config)
-
-
-# ------------------------------------------------------------------------------------------------ batching
-@dataclasses.dataclass
-class _Batch:
-    x: jax.Array
-    y: jax.Array
-    mask: jax.Array
-    n_valid: int
-
-
-def _batches(x, y, batch_size: int) -> list[_Batch]:
-    """Fixed-size batches; the last one is padded (wrap-around copies, mask 0) so every batch has one shape."""
-    n = x.shape[0]
-    bs = min(batch_size, n)
-    out = []
-    for start in range(0, n, bs):
-        xb, yb = x[start:start + bs], y[start:start + bs]
-        nv = xb.shape[0]
-        idx = np.arange(bs) % nv
-        out.append(_Batch(jnp.asarray(xb[idx]), jnp.asarray(yb[idx], jnp.int32),
-                          jnp.asarray((np.arange(bs) < nv).astype(np.float32)), nv))
-    return out
-
-
-def _validate_data(x, y, eps):
-    x = np.asarray(x, np.float32)
-    y = np.asarray(y)
-    if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"need x [N, ...] and y [N] with N > 0, got shapes {x.shape} and {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"labels must be integers, got {y.dtype}")
-    check_inputs(x, eps, "flatness")
-    return x, y.astype(np.int32)
 
 
 def num_batches(n_examples: int, batch_size: int) -> int:
@@ -303,10 +267,10 @@ def reference_losses(logits_fn, params, model_state, x, y, key, attack: Optional
                      batch_size: int = 128, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """Per-example reference loss: CE at the PGD adversarial example, worst of ``attack.restarts`` per example, or the
     clean CE (``attack=None``). ``key`` is used as given (the measures pass the first half of :func:`split_key`)."""
-    x, y = _validate_data(x, y, None if attack is None else attack.eps)
+    x, y = check_data(x, y, None if attack is None else attack.eps, "flatness")
     per_call, runs = _reference_runs(attack)
     out = []
-    for b, batch in enumerate(_batches(x, y, batch_size)):
+    for b, batch in enumerate(padded_batches(x, y, batch_size)):
         best = None
         for r in range(runs):
             k = _reference_key_jit(key, b, r)
@@ -520,11 +484,11 @@ def _measure(kind, logits_fn, params, model_state, x, y, key, config, *, done, o
     else:
         nb = config.attack.neighbourhood
         eps = config.attack.input_attack.eps if config.attack.input_attack is not None else None
-    x, y = _validate_data(x, y, eps)
+    x, y = check_data(x, y, eps, "flatness")
     check_selects_something(params, nb.selection)
     strategy = config.strategy or default_strategy()
     k_ref, k_units = split_key(key)
-    batches = _batches(x, y, config.batch_size)
+    batches = list(padded_batches(x, y, config.batch_size))
 
     if reference is None:
         reference = reference_losses(logits_fn, params, model_state, x, y, k_ref, config.reference_attack,

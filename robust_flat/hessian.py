@@ -5,17 +5,10 @@ Pieces:
 * :class:`HessianOperator`: ``v -> H v`` on the flattened selected parameters (``jax.flatten_util.ravel_pytree``
   order), by forward-over-reverse differentiation (``jax.jvp`` of ``jax.grad``), jitted per batch and accumulated
   over batches on the host.
-* :func:`lanczos` (full re-orthogonalization, host loop over jitted vector operations) and
-  :func:`extreme_eigenvalues`: top-k (largest) and bottom-k (smallest, most negative) eigenvalues with Ritz
-  residual bounds and optional eigenvectors.
-* :func:`hutchinson_trace`: trace estimate with Rademacher probes.
-* :func:`spectral_density`: stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao, ICML 2019): for each random
-  unit start vector, the eigenpairs (theta_i, s_i) of the Lanczos tridiagonal give quadrature nodes theta_i with
-  weights tau_i = s_i[0]^2 (they sum to 1); the density is the Gaussian-broadened mixture
-  ``phi(t) = mean_probes sum_i tau_i N(t; theta_i, sigma^2)``, which integrates to 1 and estimates the eigenvalue
-  distribution (1/n) sum_j delta(t - lambda_j).
-* :func:`spectrum_summary`: all of them as one resumable computation (the command line,
-  ``python -m experiments.flatness --measure hessian``, is :mod:`experiments.hessian`).
+* :func:`spectrum_summary`: the extreme eigenvalues (Lanczos), the trace (Hutchinson) and the spectral density
+  (stochastic Lanczos quadrature) of the operator as one resumable computation, by the model-independent routines
+  of :mod:`robust_flat.linalg` (the command line, ``python -m experiments.flatness --measure hessian``, is
+  :mod:`experiments.hessian`); :func:`plot_density` draws the density.
 
 What the paper / code compute (docs/paper-vs-code.md#hessian): the **largest eigenvalue** (and |lambda_min| /
 lambda_max) of the Hessian of the **clean** cross-entropy, model in **eval** mode (BN running statistics), w.r.t.
@@ -37,7 +30,6 @@ kernel weights) with 80 iterations needs ~3.5 GB.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import time
 from typing import Any, Callable, Optional
@@ -49,9 +41,12 @@ from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
 from robust_flat import xla
-from robust_flat.attacks.common import check_inputs, cross_entropy
+from robust_flat.attacks.common import check_data, cross_entropy
 from robust_flat.attacks.pgd import PGDConfig, pgd
+from robust_flat.batching import padded_batches
 from robust_flat.io import atomic_save_figure
+from robust_flat.linalg import (DensityResult, EigenResult, extreme_eigenvalues, hutchinson_trace,
+                                spectral_density)
 from robust_flat.models import bind
 
 SEP = "/"  # parameter paths are the Flax module path joined by "/", e.g. "stage1_block0/conv1/kernel"
@@ -157,40 +152,14 @@ _hvp_jit = xla.jit(_hvp, static_argnames=("logits_fn",))
 _loss_jit = xla.jit(_batch_loss, static_argnames=("logits_fn",))
 
 
-def _check_data(x, y):
-    x = np.asarray(x)
-    y = np.asarray(y)
-    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"expected x [N, H, W, C] and y [N] with N > 0, got {x.shape} and {y.shape}")
-    check_inputs(x, name="hessian")
-    return x.astype(np.float32), y.astype(np.int32)
-
-
-def _padded_batches(x, y, batch_size):
-    """Fixed-shape batches (one compile): the last batch is padded by repeating examples with weight 0."""
-    n = len(x)
-    bs = min(batch_size, n)
-    out = []
-    for start in range(0, n, bs):
-        xb, yb = x[start:start + bs], y[start:start + bs]
-        m = len(xb)
-        w = np.zeros(bs, np.float32)
-        w[:m] = 1.0
-        if m < bs:
-            idx = np.arange(bs - m) % n
-            xb, yb = np.concatenate([xb, x[idx]]), np.concatenate([yb, y[idx]])
-        out.append((jnp.asarray(xb), jnp.asarray(yb), jnp.asarray(w), m))
-    return out
-
-
 def adversarial_examples(logits_fn, params, model_state, x, y, key, config: PGDConfig = PGDConfig(steps=20),
                          batch_size: int = 128) -> np.ndarray:
     """PGD adversarial examples for ``(x, y)`` at fixed weights, in batches (one key per batch, from ``key``)."""
-    x, y = _check_data(x, y)
+    x, y = check_data(x, y, name="hessian")
     f = bind(logits_fn, params, model_state)
-    batches = _padded_batches(x, y, batch_size)
+    batches = list(padded_batches(x, y, batch_size))
     keys = jax.random.split(key, len(batches))
-    out = [np.asarray(pgd(f, xb, yb, k, config))[:m] for (xb, yb, _, m), k in zip(batches, keys)]
+    out = [np.asarray(pgd(f, b.x, b.y, k, config))[:b.n_valid] for b, k in zip(batches, keys)]
     return np.concatenate(out)
 
 
@@ -204,18 +173,18 @@ class HessianOperator:
     examples computed earlier for the same weights, data and ``config.pgd`` (``loss="robust"`` only; e.g. saved by
     an interrupted CLI run): used instead of running the attack.
 
-    Batches have a fixed shape (one compile): the last one is padded with zero-weight copies of other examples,
+    Batches have a fixed shape (one compile): the last one is padded with zero-weight copies of its first example,
     which is exact only for an eval-mode ``logits_fn`` (train-mode BN would mix the copies into the batch
     statistics).
     """
 
     def __init__(self, logits_fn, params, model_state, x, y, config: HessianConfig = HessianConfig(),
                  key: Optional[jax.Array] = None, adversarial: Optional[np.ndarray] = None):
-        x, y = _check_data(x, y)
+        x, y = check_data(x, y, name="hessian")
         if adversarial is not None:
             if config.loss != "robust":
                 raise ValueError("adversarial examples are only used for loss='robust'")
-            adversarial, _ = _check_data(adversarial, y)
+            adversarial, _ = check_data(adversarial, y, name="hessian")
             if adversarial.shape != x.shape:
                 raise ValueError(f"adversarial examples of shape {adversarial.shape} for inputs of shape {x.shape}")
             x = adversarial
@@ -232,9 +201,9 @@ class HessianOperator:
         self.dim = int(flat.size)
         self.dtype = flat.dtype
         self.x_used, self.y_used = x, y
-        self._batches = _padded_batches(x, y, config.batch_size)
+        self._batches = list(padded_batches(x, y, config.batch_size))
         n = len(x)
-        self._coeffs = [1.0 if config.reduction == "sum" else m / n for *_, m in self._batches]
+        self._coeffs = [1.0 if config.reduction == "sum" else b.n_valid / n for b in self._batches]
         self.num_hvps = 0
         self.hvp_seconds = 0.0
 
@@ -255,8 +224,8 @@ class HessianOperator:
             raise ValueError(f"expected a vector of shape ({self.dim},), got {v.shape}")
         t0 = time.perf_counter()
         out = None
-        for (xb, yb, wb, _), c in zip(self._batches, self._coeffs):
-            hv = c * _hvp_jit(self.logits_fn, self.selected, self.rest, self.model_state, xb, yb, wb, v)
+        for b, c in zip(self._batches, self._coeffs):
+            hv = c * _hvp_jit(self.logits_fn, self.selected, self.rest, self.model_state, b.x, b.y, b.mask, v)
             out = hv if out is None else out + hv
         out.block_until_ready()
         self.hvp_seconds += time.perf_counter() - t0
@@ -268,238 +237,10 @@ class HessianOperator:
     def loss(self) -> float:
         """The loss whose Hessian this is (same batch reduction)."""
         total = 0.0
-        for (xb, yb, wb, _), c in zip(self._batches, self._coeffs):
-            total += c * float(_loss_jit(self.logits_fn, self.selected, self.rest, self.model_state, xb, yb, wb))
+        for b, c in zip(self._batches, self._coeffs):
+            total += c * float(_loss_jit(self.logits_fn, self.selected, self.rest, self.model_state, b.x, b.y,
+                                         b.mask))
         return total
-
-
-# ---------------------------------------------------------------------------------------------------- Lanczos
-@xla.jit
-def _reorthogonalize(basis, w):
-    # Classical Gram-Schmidt, twice ("twice is enough"); rows of `basis` not yet filled are zero.
-    w = w - basis.T @ (basis @ w)
-    return w - basis.T @ (basis @ w)
-
-
-def _set_row(basis, j, v):
-    return basis.at[j].set(v)
-
-
-_set_row_jit = jax.jit(_set_row, donate_argnums=0)
-
-
-@dataclasses.dataclass
-class LanczosResult:
-    """Tridiagonal ``T`` (``alphas`` diagonal, ``betas`` off-diagonal, float64), the orthonormal basis rows
-    (``basis[:m]``, shape ``[m, dim]``) and ``beta_last``, the norm of the residual after the last step (0 when an
-    invariant subspace was found)."""
-
-    alphas: np.ndarray
-    betas: np.ndarray
-    basis: jax.Array
-    beta_last: float
-
-    @property
-    def num_iters(self) -> int:
-        return len(self.alphas)
-
-    def ritz(self) -> tuple[np.ndarray, np.ndarray]:
-        """Eigenvalues (ascending) and eigenvectors (columns) of ``T``."""
-        from scipy.linalg import eigh_tridiagonal
-
-        if len(self.alphas) == 1:
-            return self.alphas.copy(), np.ones((1, 1))
-        return eigh_tridiagonal(self.alphas, self.betas)
-
-
-def lanczos(matvec: Callable, dim: int, num_iters: int, key: jax.Array, dtype=jnp.float32,
-            start: Optional[jax.Array] = None) -> LanczosResult:
-    """``num_iters`` steps of Lanczos with full re-orthogonalization from a Gaussian start (or ``start``).
-
-    Stops early when the Krylov space becomes invariant (``beta < 1e-6 * ||T||``); never runs more than ``dim``
-    steps. The loop runs on the host; vector operations stay on the device.
-    """
-    if num_iters < 1 or dim < 1:
-        raise ValueError(f"lanczos needs num_iters >= 1 and dim >= 1, got {num_iters}, {dim}")
-    m = min(int(num_iters), int(dim))
-    v = jax.random.normal(key, (dim,), dtype) if start is None else jnp.asarray(start, dtype)
-    v = v / jnp.linalg.norm(v)
-    basis = _set_row_jit(jnp.zeros((m, dim), dtype), 0, v)
-    alphas, betas = [], []
-    w = matvec(v)
-    a = float(jnp.vdot(w, v))
-    alphas.append(a)
-    w = w - a * v
-    scale = abs(a)
-    beta_last = 0.0
-    for j in range(1, m + 1):
-        w = _reorthogonalize(basis, w)
-        b = float(jnp.linalg.norm(w))
-        scale = max(scale, b)
-        if b <= 1e-6 * scale:
-            beta_last = 0.0
-            break
-        if j == m:
-            beta_last = b
-            break
-        v_prev, v = v, w / b
-        basis = _set_row_jit(basis, j, v)
-        betas.append(b)
-        w = matvec(v)
-        a = float(jnp.vdot(w, v))
-        alphas.append(a)
-        scale = max(scale, abs(a))
-        w = w - a * v - b * v_prev
-    k = len(alphas)
-    return LanczosResult(np.asarray(alphas, np.float64), np.asarray(betas, np.float64), basis[:k], beta_last)
-
-
-@dataclasses.dataclass
-class EigenResult:
-    """``top``: the k largest eigenvalues (descending); ``bottom``: the k smallest (ascending). ``*_residuals``:
-    Ritz residual norms ``||H y - theta y||`` (small = converged). ``top_vectors``: ``[k, dim]`` unit Ritz vectors
-    for ``top`` (when requested)."""
-
-    top: np.ndarray
-    bottom: np.ndarray
-    top_residuals: np.ndarray
-    bottom_residuals: np.ndarray
-    num_iters: int
-    top_vectors: Optional[jax.Array] = None
-
-    @property
-    def max(self) -> float:
-        return float(self.top[0])
-
-    @property
-    def min(self) -> float:
-        return float(self.bottom[0])
-
-
-def extreme_eigenvalues(matvec: Callable, dim: int, key: jax.Array, k: int = 4, num_iters: int = 80,
-                        vectors: bool = False, dtype=jnp.float32) -> EigenResult:
-    """Top-k and bottom-k eigenvalues by one Lanczos run of ``num_iters`` steps (k=4 as in the paper's README).
-
-    ``matvec`` may be a :class:`HessianOperator` (then ``dim`` may be ``None``).
-    """
-    if dim is None:
-        dim = matvec.dim
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    res = lanczos(matvec, dim, max(num_iters, 2 * k), key, dtype)
-    theta, s = res.ritz()
-    resid = np.abs(res.beta_last * s[-1, :])
-    k = min(k, len(theta))
-    top_idx = np.arange(len(theta))[::-1][:k]
-    bottom_idx = np.arange(len(theta))[:k]
-    top_vectors = None
-    if vectors:
-        top_vectors = jnp.asarray(s[:, top_idx].T, res.basis.dtype) @ res.basis
-    return EigenResult(theta[top_idx], theta[bottom_idx], resid[top_idx], resid[bottom_idx], res.num_iters,
-                       top_vectors)
-
-
-# ------------------------------------------------------------------------------------------ trace and density
-@dataclasses.dataclass
-class TraceResult:
-    trace: float
-    stderr: float
-    samples: np.ndarray
-
-
-def hutchinson_trace(matvec: Callable, dim: int, key: jax.Array, num_probes: int = 100,
-                     dtype=jnp.float32, *, done: Optional[dict] = None,
-                     on_probe: Optional[Callable[[int, float], Any]] = None) -> TraceResult:
-    """Hutchinson's estimator ``mean_i z_i^T H z_i`` with Rademacher ``z_i`` (variance ``2 sum_{j != k} H_jk^2``).
-
-    Resumption: ``done`` maps finished probe indices to their ``z^T H z`` (skipped; probe ``i`` always uses the
-    ``i``-th key split from ``key``), ``on_probe(i, value)`` is called after each computed probe."""
-    if dim is None:
-        dim = matvec.dim
-    if num_probes < 1:
-        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
-    done = done or {}
-    samples = []
-    for i, kk in enumerate(jax.random.split(key, num_probes)):
-        if i in done:
-            samples.append(float(done[i]))
-            continue
-        z = jax.random.rademacher(kk, (dim,), dtype)
-        samples.append(float(jnp.vdot(z, matvec(z))))
-        if on_probe is not None:
-            on_probe(i, samples[-1])
-    samples = np.asarray(samples)
-    stderr = float(samples.std(ddof=1) / math.sqrt(num_probes)) if num_probes > 1 else float("nan")
-    return TraceResult(float(samples.mean()), stderr, samples)
-
-
-@dataclasses.dataclass
-class DensityResult:
-    """``density`` on ``grid`` (integrates to ~1 over the grid); ``nodes``/``weights``: ``[probes, m]``
-    quadrature nodes (Ritz values) and weights (squared first components, rows sum to 1), NaN-padded when a run
-    stopped early; ``sigma``: the Gaussian broadening (standard deviation)."""
-
-    grid: np.ndarray
-    density: np.ndarray
-    nodes: np.ndarray
-    weights: np.ndarray
-    sigma: float
-
-    def mean(self) -> float:
-        """Estimate of ``trace / dim`` (the first moment of the quadrature)."""
-        return float(np.nanmean(np.nansum(self.nodes * self.weights, axis=1)))
-
-
-def gaussian_density(grid, nodes, weights, sigma: float) -> np.ndarray:
-    """``mean_rows sum_i w_i N(grid; node_i, sigma^2)`` (NaN entries ignored)."""
-    nodes = np.atleast_2d(nodes)
-    weights = np.atleast_2d(weights)
-    ok = np.isfinite(nodes)
-    d = np.where(ok[:, :, None], (grid[None, None, :] - np.where(ok, nodes, 0.0)[:, :, None]) / sigma, np.inf)
-    kern = np.exp(-0.5 * d ** 2) / (sigma * math.sqrt(2 * math.pi))
-    return np.mean(np.sum(np.where(ok, weights, 0.0)[:, :, None] * kern, axis=1), axis=0)
-
-
-def spectral_density(matvec: Callable, dim: int, key: jax.Array, num_probes: int = 5, num_iters: int = 80,
-                     grid_size: int = 1000, sigma: Optional[float] = None, sigma_rel: float = 0.01,
-                     dtype=jnp.float32, *, done: Optional[dict] = None,
-                     on_probe: Optional[Callable[[int, np.ndarray, np.ndarray], Any]] = None) -> DensityResult:
-    """Stochastic Lanczos quadrature (Ghorbani et al. 2019) with ``num_probes`` Gaussian start vectors.
-
-    ``sigma``: the Gaussian broadening (standard deviation); default ``sigma_rel`` times the range of the Ritz
-    values. The grid extends 5 sigma past the extreme Ritz values, so the density integrates to 1 up to truncation
-    (it is not renormalized).
-
-    Resumption: ``done`` maps finished probe indices to their ``(nodes, weights)`` (skipped; probe ``i`` always
-    uses the ``i``-th key split from ``key``), ``on_probe(i, nodes, weights)`` is called after each computed probe.
-    """
-    if dim is None:
-        dim = matvec.dim
-    if num_probes < 1:
-        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
-    done = done or {}
-    runs = []
-    for i, kk in enumerate(jax.random.split(key, num_probes)):
-        if i in done:
-            runs.append(tuple(np.asarray(a, np.float64) for a in done[i]))
-            continue
-        res = lanczos(matvec, dim, num_iters, kk, dtype)
-        theta, s = res.ritz()
-        runs.append((theta, s[0, :] ** 2))
-        if on_probe is not None:
-            on_probe(i, *runs[-1])
-    m = max(len(t) for t, _ in runs)
-    nodes = np.full((num_probes, m), np.nan)
-    weights = np.full((num_probes, m), np.nan)
-    for i, (t, w) in enumerate(runs):
-        nodes[i, :len(t)], weights[i, :len(w)] = t, w
-    lo, hi = float(np.nanmin(nodes)), float(np.nanmax(nodes))
-    if sigma is None:
-        sigma = sigma_rel * max(hi - lo, 1e-12 + 1e-6 * max(abs(lo), abs(hi)))
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
-    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_size)
-    return DensityResult(grid, gaussian_density(grid, nodes, weights, sigma), nodes, weights, float(sigma))
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -598,6 +339,4 @@ def spectrum_summary(op: HessianOperator, key: jax.Array, k: int = 4, num_iters:
 
 
 __all__ = ["HessianConfig", "HessianOperator", "adversarial_examples", "split_params", "merge_params",
-           "flatten_params", "resolve_filter", "kernels_filter", "lanczos", "LanczosResult", "extreme_eigenvalues",
-           "EigenResult", "hutchinson_trace", "TraceResult", "spectral_density", "DensityResult",
-           "gaussian_density", "plot_density", "num_matvecs", "spectrum_summary"]
+           "flatten_params", "resolve_filter", "kernels_filter", "plot_density", "num_matvecs", "spectrum_summary"]

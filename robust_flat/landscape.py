@@ -51,9 +51,10 @@ from jax.flatten_util import ravel_pytree
 
 from robust_flat import hessian as H
 from robust_flat import xla
-from robust_flat.attacks.common import check_inputs, cross_entropy
+from robust_flat.attacks.common import check_data, cross_entropy
 from robust_flat.attacks.pgd import PGDConfig, pgd
 from robust_flat.io import atomic_save_figure
+from robust_flat.linalg import extreme_eigenvalues
 from robust_flat.models import bind
 from robust_flat.weights import (LayerSelection, Neighbourhood, WeightAttackConfig, normalize, selection_mask,
                                  weight_attack)
@@ -180,7 +181,7 @@ def hessian_direction(logits_fn, params, model_state, x, y, key, config: Landsca
     if hessian_config is None:
         hessian_config = H.HessianConfig(batch_size=len(x))
     op = H.HessianOperator(logits_fn, params, model_state, x, y, hessian_config, key=jax.random.fold_in(key, 1))
-    eig = H.extreme_eigenvalues(op, op.dim, key, k=1, num_iters=config.hessian_iters, vectors=True)
+    eig = extreme_eigenvalues(op, op.dim, key, k=1, num_iters=config.hessian_iters, vectors=True)
     selected = op.unravel(eig.top_vectors[0])
     rest = {k: jnp.zeros_like(v) for k, v in op.rest.items()}
     d = H.merge_params(selected, rest)
@@ -203,12 +204,8 @@ METRICS = ("robust_loss", "clean_loss", "robust_error", "clean_error")
 
 
 def _check(x, y, pgd_config):
-    x = jnp.asarray(x, jnp.float32)
-    y = jnp.asarray(y, jnp.int32)
-    if x.ndim != 4 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"expected x [N, H, W, C] and y [N] with N > 0, got {x.shape} and {y.shape}")
-    check_inputs(x, pgd_config.eps, "landscape")
-    return x, y
+    """The checked data, on the device once (every point of a curve or surface uses it)."""
+    return tuple(jnp.asarray(a) for a in check_data(x, y, pgd_config.eps, "landscape"))
 
 
 def _eval(logits_fn, params, model_state, x, y, key, d1, d2, a, b, pgd_config):

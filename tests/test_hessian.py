@@ -9,7 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from robust_flat import hessian as H
-from robust_flat import xla
+from robust_flat import linalg, xla
 from robust_flat.attacks.common import cross_entropy
 from robust_flat.attacks.pgd import PGDConfig
 from robust_flat.models import create_model, init_model, make_apply_fn, make_logits_fn
@@ -80,7 +80,7 @@ def test_hvp_on_a_parameter_subset_is_the_hessian_block(tiny):
 
 
 def test_lanczos_extreme_eigenvalues_match_eigvalsh(tiny):
-    res = H.extreme_eigenvalues(tiny.op, tiny.op.dim, jax.random.PRNGKey(3), k=3, num_iters=80, vectors=True)
+    res = linalg.extreme_eigenvalues(tiny.op, tiny.op.dim, jax.random.PRNGKey(3), k=3, num_iters=80, vectors=True)
     scale = np.abs(tiny.eig).max()
     np.testing.assert_allclose(res.top, tiny.eig[::-1][:3], atol=1e-4 * scale)
     np.testing.assert_allclose(res.bottom, tiny.eig[:3], atol=1e-4 * scale)
@@ -95,22 +95,22 @@ def test_hutchinson_trace_converges_to_exact_trace(tiny):
     probes = 100
     # Rademacher probes: Var(z^T H z) = 2 * sum_{j != k} H_jk^2.
     sd = np.sqrt(2 * (np.sum(tiny.hess ** 2) - np.sum(np.diag(tiny.hess) ** 2)))
-    res = H.hutchinson_trace(tiny.op, tiny.op.dim, jax.random.PRNGKey(4), num_probes=probes)
+    res = linalg.hutchinson_trace(tiny.op, tiny.op.dim, jax.random.PRNGKey(4), num_probes=probes)
     assert abs(res.trace - exact) < 4 * sd / np.sqrt(probes)
     assert 0.5 * sd / np.sqrt(probes) < res.stderr < 2 * sd / np.sqrt(probes)
-    again = H.hutchinson_trace(tiny.op, tiny.op.dim, jax.random.PRNGKey(4), num_probes=probes)
+    again = linalg.hutchinson_trace(tiny.op, tiny.op.dim, jax.random.PRNGKey(4), num_probes=probes)
     assert again.trace == res.trace  # same key, same probes
 
 
 def test_slq_density_integrates_to_one_where_the_eigenvalues_are(tiny):
-    dens = H.spectral_density(tiny.op, tiny.op.dim, jax.random.PRNGKey(5), num_probes=10, num_iters=40)
+    dens = linalg.spectral_density(tiny.op, tiny.op.dim, jax.random.PRNGKey(5), num_probes=10, num_iters=40)
     dx = dens.grid[1] - dens.grid[0]
     assert abs(np.sum(dens.density) * dx - 1.0) < 1e-3
     np.testing.assert_allclose(np.nansum(dens.weights, axis=1), 1.0, atol=1e-4)
     n = len(tiny.eig)
-    exact = H.gaussian_density(dens.grid, tiny.eig[None], np.full((1, n), 1.0 / n), dens.sigma)
+    exact = linalg.gaussian_density(dens.grid, tiny.eig[None], np.full((1, n), 1.0 / n), dens.sigma)
     l1 = np.sum(np.abs(exact - dens.density)) * dx
-    shifted = H.gaussian_density(dens.grid, tiny.eig[None] + 5 * dens.sigma, np.full((1, n), 1.0 / n), dens.sigma)
+    shifted = linalg.gaussian_density(dens.grid, tiny.eig[None] + 5 * dens.sigma, np.full((1, n), 1.0 / n), dens.sigma)
     assert l1 < 0.2 < np.sum(np.abs(shifted - dens.density)) * dx
     for t in (0.5 * tiny.eig[-1], 0.5 * tiny.eig[0]):  # mass in the tails: above/below a threshold
         frac = np.mean(tiny.eig > t) if t > 0 else np.mean(tiny.eig < t)
@@ -144,7 +144,7 @@ def test_top_eigenvalue_scales_as_one_over_alpha_squared_under_bn_invariant_resc
     lam = []
     for p, s in ((params, state), (scaled_params, scaled_state)):
         op = H.HessianOperator(f, p, s, x, y, config)
-        lam.append(H.extreme_eigenvalues(op, op.dim, jax.random.PRNGKey(7), k=1, num_iters=60))
+        lam.append(linalg.extreme_eigenvalues(op, op.dim, jax.random.PRNGKey(7), k=1, num_iters=60))
     np.testing.assert_allclose(lam[1].max, lam[0].max / alpha ** 2, rtol=2e-3)
     np.testing.assert_allclose(lam[1].min, lam[0].min / alpha ** 2, rtol=2e-3, atol=1e-4 * abs(lam[0].max))
 
@@ -197,5 +197,5 @@ def test_cli_writes_json_and_png(tiny, tmp_path):
     # The code's "sum" reduction over two equal batches is twice the Hessian of the mean loss.
     mean_op = H.HessianOperator(tiny.f, tiny.params, tiny.state, x, y, H.HessianConfig(batch_size=16,
                                                                                          reduction="mean"))
-    lam = H.extreme_eigenvalues(mean_op, mean_op.dim, jax.random.PRNGKey(10), k=1, num_iters=30).max
+    lam = linalg.extreme_eigenvalues(mean_op, mean_op.dim, jax.random.PRNGKey(10), k=1, num_iters=30).max
     assert saved["lambda_max"] == pytest.approx(2 * lam, rel=1e-3)

@@ -54,7 +54,8 @@ import numpy as np
 
 from robust_flat import xla
 from robust_flat.attacks.apgd import APGDConfig, apgd
-from robust_flat.attacks.common import bucket_size, check_inputs
+from robust_flat.attacks.common import bucket_size, check_data, check_threat_model
+from robust_flat.batching import pad_rows
 
 logger = logging.getLogger("robust_flat.autoattack")
 
@@ -86,10 +87,7 @@ class AutoAttackConfig:
     apgd_unroll: int = 5
 
     def __post_init__(self):
-        if not self.eps > 0:
-            raise ValueError(f"AutoAttack eps must be > 0, got {self.eps}")
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"AutoAttack norm must be linf or l2, got {self.norm!r}")
+        check_threat_model("AutoAttack", self.eps, self.norm)
         if self.n_target_classes is not None and not (isinstance(self.n_target_classes, (int, np.integer))
                                                        and self.n_target_classes >= 1):
             raise ValueError(f"n_target_classes must be an integer >= 1 (or None: min(9, classes - 1)), got "
@@ -318,12 +316,6 @@ def _batch_key(key, name: str, first_index: int):
     return jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF), first_index)
 
 
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-    if len(a) == size:
-        return a
-    return np.concatenate([a, np.repeat(a[:1], size - len(a), axis=0)])
-
-
 def run_cascade(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, batch_size: int = 128,
                 shape_buckets: int = 6, state: Optional[CascadeState] = None, on_batch: Optional[Callable] = None,
                 log: Optional[Callable[[str], None]] = None) -> CascadeState:
@@ -337,13 +329,9 @@ def run_cascade(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, 
     original's summary lines (default: this module's logger at INFO level).
     """
     log = log or logger.info
-    x = np.asarray(x, np.float32)
-    y = np.asarray(y, np.int32)
-    if x.ndim < 2 or y.shape != (x.shape[0],):
-        raise ValueError(f"AutoAttack needs x [N, ...] and y [N], got {x.shape} and {y.shape}")
+    x, y = check_data(x, y, None, "autoattack", allow_empty=True)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    check_inputs(x, None, "autoattack")
     if any(dataclasses.is_dataclass(c.config) for c in comps):  # before anything runs: a failure here costs nothing
         check_classes(comps, num_classes(logits_fn, x))
     names = tuple(c.name for c in comps)
@@ -360,7 +348,7 @@ def run_cascade(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, 
         on_batch(state, CLEAN, int(state.clean_done.sum()), state.n)  # stage start
     for b in range(0, len(todo), bs):
         idx = todo[b:b + bs]
-        pred = predict(logits_fn, jnp.asarray(_pad(x[idx], bs)))[:len(idx)]
+        pred = predict(logits_fn, jnp.asarray(pad_rows(x[idx], bs)))[:len(idx)]
         correct = pred == y[idx]
         state.clean_correct[idx] = correct
         state.broken_by[idx[~correct]] = -2
@@ -379,8 +367,8 @@ def run_cascade(logits_fn, x, y, key, comps: Sequence[Component], *, norm: str, 
         for b in range(0, len(todo), bs):
             idx = todo[b:b + bs]
             size = bucket_size(len(idx), bs, shape_buckets)
-            xb = jnp.asarray(_pad(x[idx], size))
-            yb = jnp.asarray(_pad(y[idx], size))
+            xb = jnp.asarray(pad_rows(x[idx], size))
+            yb = jnp.asarray(pad_rows(y[idx], size))
             adv = np.asarray(comp.fn(logits_fn, xb, yb, _batch_key(key, comp.name, int(idx[0])), comp.config))
             pred = predict(logits_fn, jnp.asarray(adv))[:len(idx)]
             adv = adv[:len(idx)]

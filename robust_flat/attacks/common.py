@@ -33,6 +33,32 @@ def check_inputs(x, eps: float | None = None, name: str = "attack") -> None:
                              "scale images to [0, 1] and normalize inside the model")
 
 
+NORMS = ("linf", "l2")
+
+
+def check_threat_model(attack: str, eps: float, norm: str) -> None:
+    """The threat-model checks of every attack's config: ``eps > 0`` and ``norm`` one of :data:`NORMS`."""
+    if not eps > 0:
+        raise ValueError(f"{attack} eps must be > 0, got {eps}")
+    if norm not in NORMS:
+        raise ValueError(f"{attack} norm must be linf or l2, got {norm!r}")
+
+
+def check_data(x, y, eps: float | None = None, name: str = "attack", *, allow_empty: bool = False):
+    """``(x, y)`` as float32 and int32 NumPy arrays after checking them as an evaluation set: ``x [N, ...]`` (at
+    least 2 dims) and ``y [N]`` integer labels with ``N > 0`` (``N >= 0`` with ``allow_empty``), ``x`` in [0, 1]
+    and ``eps > 0`` (:func:`check_inputs`). A failure is a ``ValueError`` naming ``name``."""
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y)
+    if x.ndim < 2 or y.shape != x.shape[:1] or (x.shape[0] == 0 and not allow_empty):
+        raise ValueError(f"{name}: expected x [N, ...] and y [N] with N {'>=' if allow_empty else '>'} 0, got shapes "
+                         f"{x.shape} and {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{name}: labels must be integers, got {y.dtype}")
+    check_inputs(x, eps, name)
+    return x, y.astype(np.int32)
+
+
 def bucket_sizes(batch_size: int, shape_buckets: int) -> list[int]:
     """The ``shape_buckets`` largest of the sizes ``ceil(batch_size / 2^k)`` and ``ceil(3 batch_size / 2^(k+2))``
     (two per octave: 128, 96, 64, 48, 32, 24, ... for a batch of 128), ascending."""

@@ -21,6 +21,7 @@ import numpy as np
 from robust_flat import xla
 from robust_flat.attacks.common import cross_entropy
 from robust_flat.attacks.pgd import PGDConfig, pgd
+from robust_flat.batching import padded_batches
 
 
 @functools.partial(xla.jit, static_argnames=("logits_fn", "attack"))
@@ -43,19 +44,13 @@ def evaluate(logits_fn, params, model_state, x: np.ndarray, y: np.ndarray, key, 
     batch has one shape (one compilation). ``progress(n)`` is called after each batch with its number of examples."""
     n = len(x)
     totals = None
-    for b, start in enumerate(range(0, n, batch_size)):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        pad = batch_size - len(xb)
-        mask = np.concatenate([np.ones(len(xb), bool), np.zeros(pad, bool)])
-        if pad:
-            xb = np.concatenate([xb, np.repeat(xb[:1], pad, 0)])
-            yb = np.concatenate([yb, np.repeat(yb[:1], pad, 0)])
-        out = _batch_stats(params, model_state, xb, yb, jax.random.fold_in(key, b), mask,
+    for b, batch in enumerate(padded_batches(x, y, batch_size, shrink=False)):
+        out = _batch_stats(params, model_state, batch.x, batch.y, jax.random.fold_in(key, b), batch.mask,
                            logits_fn=logits_fn, attack=attack)
         out = jax.device_get(out)
         totals = out if totals is None else {k: totals[k] + out[k] for k in totals}
         if progress is not None:
-            progress(len(xb) - pad)
+            progress(batch.n_valid)
     return {k: float(v) / n for k, v in totals.items()}
 
 
