@@ -37,6 +37,19 @@ Arrays = Tuple[np.ndarray, np.ndarray]
 TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "synthetic": 10}
 
+# Per-channel mean and std of each dataset's training images in [0, 1]: the models' input whitening (the
+# ``model.whitening`` config option; robust_flat.models.layers.whitening_options).
+PIXEL_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+               "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))}
+
+
+def default_whitening(dataset: str) -> str:
+    """The ``model.whitening`` of a config on ``dataset`` unless it names one: the dataset's own constants, CIFAR-10's
+    for a dataset without (``synthetic``: generated images, with the CIFAR-10 whitening every model had before)."""
+    return dataset if dataset in PIXEL_STATS else "cifar10"
+
+
 # The paper's evaluation subsets, as the released code defines them (docs/paper-vs-code.md#subsets).
 SUBSETS = {
     "test_first1000": ("test", slice(0, 1000)),   # RErr (AA), RLoss (PGD-20x10), all flatness measures

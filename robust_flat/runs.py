@@ -18,6 +18,7 @@ import jax
 
 from robust_flat import models
 from robust_flat.checkpoint import Checkpointer, CheckpointError
+from robust_flat.models.layers import whitening_options
 from robust_flat.training.optim import make_optimizer
 from robust_flat.training.state import LegacyTrainState, TrainState, create_train_state
 
@@ -74,9 +75,14 @@ def select_weights(run, which: str = "params"):
 
 
 def model_from_config(config):
+    """The model of a run's config. ``model.whitening`` names the input whitening constants
+    (:func:`robust_flat.models.layers.whitening_options`); a config without it, written before that option existed,
+    gets CIFAR-10's, which every model whitened with then whatever its dataset. Whitening options in the model config
+    itself (an imported model's ``whiten``/``whiten_mean``/``whiten_std``) take precedence."""
     m = config.model
-    return models.create_model(m.name, num_classes=m.num_classes,
-                               **{k: v for k, v in m.to_dict().items() if k not in ("name", "num_classes")})
+    options = {k: v for k, v in m.to_dict().items() if k not in ("name", "num_classes", "whitening")}
+    options = {**whitening_options(m.get("whitening", "cifar10")), **options}
+    return models.create_model(m.name, num_classes=m.num_classes, **options)
 
 
 def build(config, input_shape, steps_per_epoch: int):

@@ -6,6 +6,8 @@ decay 5e-4, Nesterov momentum, eps 8/255 (the code uses 0.0314); see docs/paper-
 """
 import ml_collections
 
+from robust_flat.data import default_whitening
+
 PRESETS = ("paper", "smoke", "cpu", "tiny")  # apply_preset
 
 # The paper's variants that are one option of any config (its supplementary's "Methods" and hyper-parameter grids):
@@ -48,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "pgd_at"
     c.seed = 0
+    dataset = ml_collections.FieldReference("cifar10")  # data.dataset, which model.whitening follows unless set
 
     c.model = ml_collections.ConfigDict(dict(
         name="resnet18", num_classes=10,
@@ -56,10 +59,13 @@ def base_config() -> ml_collections.ConfigDict:
         dropout=0.0,         # paper's dropout variant: 0.1
         width=ml_collections.FieldReference(None, field_type=int),  # None: the model's default (64 for ResNet-18)
         dtype="float32",     # compute dtype; bfloat16: faster on GPU/TPU, params/optimizer/BN stats stay float32
+        # input whitening constants: cifar10 | cifar100 | svhn | none; default: data.dataset's (synthetic: cifar10's).
+        # Runs written before this option whitened with cifar10's whatever the dataset (robust_flat/runs.py).
+        whitening=dataset._apply_op(default_whitening),  # a lazy reference: set data.dataset later, it follows
     ))
 
     c.data = ml_collections.ConfigDict(dict(
-        dataset="cifar10",   # cifar10 | cifar100 | svhn | synthetic (generated, NOT CIFAR-10)
+        dataset=dataset,     # cifar10 | cifar100 | svhn | synthetic (generated, NOT CIFAR-10)
         data_dir="",         # local files (also the --data-dir flag); empty: tensorflow-datasets
         pixel_scale=255.0,   # declared range of float images in .npz files: 255.0 or 1.0
         train_examples=0,    # 0: all; N: the first N training images

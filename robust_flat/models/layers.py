@@ -13,9 +13,12 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-# Per-channel mean/std of the CIFAR-10 training pixels (the paper's frozen whitening, as in the released code).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+from robust_flat.data import PIXEL_STATS
+
+# Per-channel mean/std of the CIFAR-10 training pixels (the paper's frozen whitening, as in the released code): the
+# models' default constants.
+CIFAR10_MEAN, CIFAR10_STD = PIXEL_STATS["cifar10"]
+WHITENINGS = (*PIXEL_STATS, "none")  # the values of the model.whitening config option (whitening_options)
 
 
 # Compute dtypes of the ``dtype`` model option. Parameters, optimizer state and batch statistics stay float32 in
@@ -54,6 +57,20 @@ def make_whiten(mean: Optional[Sequence[float]] = None, std: Optional[Sequence[f
     """The models' ``whiten`` layer with per-channel constants (``None``: the CIFAR-10 ones, the default)."""
     return Whiten(mean=CIFAR10_MEAN if mean is None else tuple(mean), std=CIFAR10_STD if std is None else tuple(std),
                   dtype=dtype, name="whiten")
+
+
+def whitening_options(whitening: str) -> dict:
+    """The model options of a ``model.whitening`` name (:data:`WHITENINGS`): none for ``"cifar10"`` (the models'
+    default constants), ``whiten_mean``/``whiten_std`` for another dataset's (``robust_flat.data.PIXEL_STATS``),
+    ``whiten=False`` for ``"none"`` (the input goes to the first layer as it is, not clamped either)."""
+    if whitening not in WHITENINGS:
+        raise ValueError(f"unknown whitening {whitening!r}; choose one of {', '.join(WHITENINGS)}")
+    if whitening == "none":
+        return {"whiten": False}
+    if whitening == "cifar10":
+        return {}
+    mean, std = PIXEL_STATS[whitening]
+    return {"whiten_mean": mean, "whiten_std": std}
 
 
 class ReBatchNorm(nn.Module):
@@ -236,7 +253,8 @@ class Classifier(nn.Module):
     :func:`model_output`. The models add their own architecture fields after these (construct them by keyword).
 
     ``whiten`` (default True): clamp the input to [0, 1] and whiten it with ``whiten_mean``/``whiten_std`` (``None``,
-    the default: CIFAR-10's constants, the paper's); ``whiten=False`` feeds the input to the first layer unchanged.
+    the default: CIFAR-10's constants, the paper's; a run's config picks a dataset's with ``model.whitening``:
+    :func:`whitening_options`); ``whiten=False`` feeds the input to the first layer unchanged.
     ``rotation_head``: hidden width of the auxiliary rotation head (0, the default: none; self-supervised AT: 256).
     """
 

@@ -131,6 +131,9 @@ def check_config(config) -> list[str]:
     rule("model.dropout", real(0.0, 1.0, hi_open=True), "a number in [0, 1)")
     rule("model.width", lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 (or None: the model's "
          "default)", optional=True)
+    from robust_flat.models.layers import WHITENINGS  # (absent from runs written before it: CIFAR-10's constants)
+    rule("model.whitening", lambda v: v in WHITENINGS, f"one of {', '.join(WHITENINGS)} (the input whitening "
+         "constants)", optional=True)
     # data
     rule("data.data_dir", lambda v: isinstance(v, str), "a path (a string; empty: tensorflow-datasets)")
     rule("data.pixel_scale", lambda v: _is_real(v) and float(v) in PIXEL_SCALES, "255.0 (uint8-range images) or 1.0 "

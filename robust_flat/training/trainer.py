@@ -71,7 +71,7 @@ _VOLATILE_KEYS = {("data", "data_dir"), ("debug", "sigkill_at_step"), ("debug", 
 # new config has this value (its default).
 _ADDED_KEYS = {("attack", "tau"): -1, ("data", "label_noise"): 0.0, ("train", "label_smoothing"): 0.0,
                ("ema", "bn_batches"): 0, ("attack", "step_rule"): "fixed", ("data", "autoaugment"): False, ("data", "cutout"): 0,
-               ("data", "extra_path"): "", ("data", "extra_fraction"): 0.5}
+               ("data", "extra_path"): "", ("data", "extra_fraction"): 0.5, ("model", "whitening"): "cifar10"}
 
 
 def _flatten(d, prefix=()):
