@@ -237,30 +237,31 @@ def _flat_side(e: _Entry, c_last: int) -> int:
     return side
 
 
-def _to_torch(e: _Entry, a: np.ndarray, offset: float, c_last: int) -> np.ndarray:
-    if e.kind == "conv":
-        return a.transpose(3, 2, 0, 1)
+def _axes(e: _Entry, c_last: int) -> Optional[tuple[tuple, tuple]]:
+    """``(view, perm)``: the entry's Flax array, reshaped to ``view``, becomes PyTorch's by ``transpose(perm)`` and a
+    reshape to :func:`_torch_shape`; ``None`` for entries stored alike (a scale's offset aside)."""
+    if e.kind == "conv":  # HWIO -> OIHW
+        return e.shape, (3, 2, 0, 1)
     if e.kind == "dense":
-        return a.T
-    if e.kind == "dense_flat":  # Flax flattens (h, w, c), PyTorch (c, h, w)
+        return e.shape, (1, 0)
+    if e.kind == "dense_flat":  # Flax flattens (h, w, c), PyTorch (c, h, w): a conv kernel the size of the map
         side = _flat_side(e, c_last)
-        return a.reshape(side, side, c_last, -1).transpose(3, 2, 0, 1).reshape(a.shape[1], -1)
-    if e.kind == "scale":
-        return a + np.float32(offset)
-    return a
+        return (side, side, c_last, e.shape[1]), (3, 2, 0, 1)
+    return None
 
 
-def _from_torch(e: _Entry, a: np.ndarray, offset: float, c_last: int) -> np.ndarray:
-    if e.kind == "conv":
-        return a.transpose(2, 3, 1, 0)
-    if e.kind == "dense":
-        return a.T
-    if e.kind == "dense_flat":
-        side = _flat_side(e, c_last)
-        return a.reshape(a.shape[0], c_last, side, side).transpose(2, 3, 1, 0).reshape(-1, a.shape[0])
+def _convert(e: _Entry, a: np.ndarray, offset: float, c_last: int, to_torch: bool) -> np.ndarray:
+    """Entry ``e``'s array from Flax's layout to PyTorch's (``to_torch``) or back (the inverse, from the same
+    :func:`_axes`)."""
     if e.kind == "scale":
-        return a - np.float32(offset)
-    return a
+        return a + np.float32(offset) if to_torch else a - np.float32(offset)
+    axes = _axes(e, c_last)
+    if axes is None:
+        return a
+    view, perm = axes
+    if to_torch:
+        return a.reshape(view).transpose(perm).reshape(_torch_shape(e))
+    return a.reshape([view[p] for p in perm]).transpose(np.argsort(perm)).reshape(e.shape)
 
 
 def _c_last(model, params) -> int:
@@ -317,7 +318,7 @@ def to_torch_state_dict(model, params, model_state=None, layout: Optional[str] =
         leaf = trees[e.collection]
         for p in e.path:
             leaf = leaf[p]
-        sd[e.key] = np.ascontiguousarray(_to_torch(e, np.asarray(leaf, np.float32), offset, c_last))
+        sd[e.key] = np.ascontiguousarray(_convert(e, np.asarray(leaf, np.float32), offset, c_last, to_torch=True))
         if e.key.endswith(".running_var"):
             sd[e.key[:-len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
     if numpy:
@@ -408,7 +409,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model, layout: Optional
         node = out[e.collection]
         for p in e.path[:-1]:
             node = node.setdefault(p, {})
-        node[e.path[-1]] = jnp.asarray(_from_torch(e, a.astype(np.float32), offset, c_last))
+        node[e.path[-1]] = jnp.asarray(_convert(e, a.astype(np.float32), offset, c_last, to_torch=False))
 
     mean_key, std_key, wshape = _whiten_keys(layout)
     present = [k for k in (mean_key, std_key) if k in sd]
