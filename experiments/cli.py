@@ -2,13 +2,18 @@
 
 :func:`run_cli` wraps an entry point's ``main``; :class:`OneLineParser` makes argparse errors one line;
 :func:`os_error_line` words a file-system error (full disk, read-only, permissions, missing paths) with its fix.
+
+What the entry points that measure a run's snapshot (``experiments.evaluate``, ``experiments.robust_loss``,
+``experiments.flatness``) share: the checks of their options (:func:`checked`, :func:`at_least`), loading the
+snapshot with the chosen weights (:func:`load_snapshot`) and the evaluation examples (:func:`eval_examples`), and
+their ``python -m`` start (:func:`run_measure_cli`).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -116,6 +121,72 @@ def load_checked(load_run: Callable, run_dir: str, snapshot):
                          "version of robust-flat; pass the --run-dir of a training run") from e
     finally:
         absl_log.setLevel(level)
+
+
+def checked(parser: argparse.ArgumentParser, check: Callable, *args):
+    """``check(*args)`` (e.g. :func:`robust_flat.runs.check_snapshot` of ``--snapshot``,
+    :func:`robust_flat.evaluation.parse_eps` of ``--eps``); its ``ValueError`` is ``parser.error`` (one line, exit
+    status 2), before anything is loaded."""
+    try:
+        return check(*args)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def at_least(parser: argparse.ArgumentParser, args, low, *dests: str, hint: str = "") -> None:
+    """``parser.error`` when an option among ``dests`` (``args`` attributes; ``None``, not given, passes) is below
+    ``low`` or NaN: ``--a, --b and --c must be >= LOW``; a single option: ``--a must be >= LOW<hint>, got V``."""
+    values = [getattr(args, d) for d in dests]
+    if all(v is None or v >= low for v in values):
+        return
+    flags = [f"--{d.replace('_', '-')}" for d in dests]
+    names = flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+    parser.error(f"{names} must be >= {low}" + (f"{hint}, got {values[0]}" if len(dests) == 1 else ""))
+
+
+def load_snapshot(load_run: Optional[Callable], run_dir: str, snapshot, weights: str):
+    """The snapshot of ``run_dir`` (:func:`load_checked`) with ``weights`` (``--weights``: ``params`` or ``ema``) as
+    its weights and batch-norm statistics (:func:`robust_flat.runs.select_weights`); weights the run does not have
+    are a ``SystemExit`` with the reason. ``load_run`` (``None``: :func:`robust_flat.runs.load_run`) is injectable
+    for tests."""
+    from robust_flat.runs import select_weights
+
+    if load_run is None:
+        from robust_flat.runs import load_run
+    loaded = load_checked(load_run, run_dir, snapshot)
+    try:
+        return select_weights(loaded, weights)
+    except ValueError as e:
+        raise SystemExit(str(e))
+
+
+def eval_examples(load_eval_set: Optional[Callable], config, subset: str, data_dir, n: Optional[int]):
+    """The first ``n`` (``None``: all) examples of the evaluation subset ``subset`` of the run's data as float32
+    images and int32 labels; ``n`` larger than the subset is a ``SystemExit`` saying so. ``load_eval_set``
+    (``None``: :func:`robust_flat.data.load_eval_set`) is injectable for tests."""
+    import numpy as np
+
+    if load_eval_set is None:
+        from robust_flat.data import load_eval_set
+    x, y = load_eval_set(config, subset, data_dir)
+    if n is not None:
+        if n > len(x):
+            raise SystemExit(f"--n-examples {n} but subset {subset} has only {len(x)} examples")
+        x, y = x[:n], y[:n]
+    return np.asarray(x, np.float32), np.asarray(y, np.int32)
+
+
+def run_measure_cli(main: Callable, sub: str, interrupted: str, *, kept: str = "files already written are intact",
+                    elsewhere: str = "choose another location") -> None:
+    """``python -m`` of an entry point that writes into ``RUN/<sub>``: :func:`run_cli` of ``main`` on the command
+    line (``writes``: :func:`output_dirs`); Ctrl-C prints the line ``interrupted`` (what is kept, how to resume) and
+    exits with status 130."""
+    argv = sys.argv[1:]
+    try:
+        run_cli(main, argv, writes=output_dirs(argv, sub), kept=kept, elsewhere=elsewhere)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        sys.exit(130)
 
 
 def output_dirs(argv, sub: str) -> list:

@@ -27,13 +27,10 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 from typing import Callable, Optional
 
-import numpy as np
-
-from experiments.cli import OneLineParser, load_checked, output_dirs, run_cli
+from experiments.cli import OneLineParser, at_least, checked, eval_examples, load_snapshot, run_measure_cli
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -91,26 +88,17 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     from robust_flat.io import atomic_write_json
     from robust_flat.partial import fingerprint
 
-    try:
-        eps = ev.parse_eps(args.eps)
-    except ValueError as e:
-        parser.error(str(e))
+    eps = checked(parser, ev.parse_eps, args.eps)
     if args.attack != "autoattack" and (args.version != "standard" or args.attacks):
         parser.error("--version/--attacks apply only to --attack autoattack")
     if args.attacks and args.version != "custom":
         parser.error("--attacks needs --version custom")
-    if args.n_examples < 1 or args.batch_size < 1 or args.shape_buckets < 1:
-        parser.error("--n-examples, --batch-size and --shape-buckets must be >= 1")
-    if args.n_target_classes is not None and args.n_target_classes < 1:
-        parser.error(f"--n-target-classes must be >= 1 (default: min(9, classes - 1)), got {args.n_target_classes}")
-    if min(args.n_iter, args.pgd_steps, args.pgd_restarts) < 1:
-        parser.error("--n-iter, --pgd-steps and --pgd-restarts must be >= 1")
-    from robust_flat.runs import check_snapshot, select_weights
+    at_least(parser, args, 1, "n_examples", "batch_size", "shape_buckets")
+    at_least(parser, args, 1, "n_target_classes", hint=" (default: min(9, classes - 1))")
+    at_least(parser, args, 1, "n_iter", "pgd_steps", "pgd_restarts")
+    from robust_flat.runs import check_snapshot
 
-    try:
-        snapshot = check_snapshot(args.snapshot)
-    except ValueError as e:
-        parser.error(str(e))
+    snapshot = checked(parser, check_snapshot, args.snapshot)
 
     def make_components(n_classes=None):
         return ev.make_components(args.attack, eps, args.norm, args.version,
@@ -126,25 +114,14 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
         parser.error(f"--n-target-classes applies to apgd-t and fab-t only; this evaluation runs "
                      f"{', '.join(c.name for c in comps)}")
 
-    if load_run is None:
-        from robust_flat.runs import load_run
-    if load_eval_set is None:
-        from robust_flat.data import load_eval_set
     import jax
 
     from robust_flat.runs import snapshot_tag
     from robust_flat.models import bind, make_logits_fn
 
-    loaded = load_checked(load_run, args.run_dir, snapshot)
-    try:
-        loaded = select_weights(loaded, args.weights)
-    except ValueError as e:
-        raise SystemExit(str(e))
+    loaded = load_snapshot(load_run, args.run_dir, snapshot, args.weights)
     ema = args.weights == "ema"
-    x, y = load_eval_set(loaded.config, args.subset, args.data_dir)
-    if args.n_examples > len(x):
-        raise SystemExit(f"--n-examples {args.n_examples} but subset {args.subset} has only {len(x)} examples")
-    x, y = np.asarray(x[:args.n_examples], np.float32), np.asarray(y[:args.n_examples], np.int32)
+    x, y = eval_examples(load_eval_set, loaded.config, args.subset, args.data_dir, args.n_examples)
     logits_fn = bind(make_logits_fn(loaded.model), loaded.params, loaded.model_state)
     from robust_flat.attacks.autoattack import num_classes
 
@@ -202,11 +179,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
 
 
 if __name__ == "__main__":
-    try:
-        run_cli(main, sys.argv[1:], writes=output_dirs(sys.argv[1:], "evaluations"),
-                kept="finished batches are kept in RUN/evaluations/*.examples.json",
-                elsewhere="copy the run directory to a writable disk and evaluate it there")
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished batches are kept in RUN/evaluations/*.examples.json; run the same command "
-              "again to resume", file=sys.stderr)
-        sys.exit(130)
+    run_measure_cli(main, "evaluations", "interrupted: finished batches are kept in RUN/evaluations/*.examples.json; "
+                    "run the same command again to resume",
+                    kept="finished batches are kept in RUN/evaluations/*.examples.json",
+                    elsewhere="copy the run directory to a writable disk and evaluate it there")

@@ -34,16 +34,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import sys
 from typing import Callable, Optional
 
 import numpy as np
 
 from experiments import hessian, landscape
-from experiments.cli import OneLineParser
+from experiments.cli import OneLineParser, at_least, checked, eval_examples, load_snapshot, run_measure_cli
 from robust_flat.io import atomic_save_npz, atomic_write_json
 from robust_flat.partial import PartialResults, finished_result, fingerprint
-from robust_flat.runs import WEIGHTS, check_snapshot, select_weights
+from robust_flat.runs import WEIGHTS, check_snapshot
 
 FLATNESS_MEASURES = ("avg", "worst", "clean_avg", "clean_worst")
 MEASURES = FLATNESS_MEASURES + ("hessian", "landscape")
@@ -205,15 +204,6 @@ def load_units(partial: PartialResults, n_units: int, n_examples: int) -> dict[i
     return done
 
 
-def _load_data(load_eval_set, loaded, subset, data_dir, n):
-    x, y = load_eval_set(loaded.config, subset, data_dir)
-    if n is not None:
-        if n > len(x):
-            raise SystemExit(f"--n-examples {n} but subset {subset} has only {len(x)} examples")
-        x, y = x[:n], y[:n]
-    return np.asarray(x, np.float32), np.asarray(y, np.int32)
-
-
 def _depends_on(args, loaded, params, x, y) -> dict:
     """What a Hessian or landscape result depends on besides its own settings (in its fingerprint): digests of the
     weights and the data, the snapshot, ``--weights``."""
@@ -233,40 +223,21 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     :func:`robust_flat.runs.load_run` / :func:`robust_flat.data.load_eval_set` (injectable for tests)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        snapshot = check_snapshot(args.snapshot)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.n_examples is not None and args.n_examples < 1:
-        parser.error(f"--n-examples must be >= 1, got {args.n_examples}")
+    snapshot = checked(parser, check_snapshot, args.snapshot)
+    at_least(parser, args, 1, "n_examples")
     if args.measure in FLATNESS_MEASURES:  # every setting checked before the (slow) loading of the run
-        if args.xi is not None and not args.xi >= 0:
-            parser.error(f"--xi must be >= 0 (a relative radius, e.g. 0.5 or 0.003), got {args.xi}")
-        if args.samples is not None and args.samples < 1:
-            parser.error(f"--samples must be >= 1, got {args.samples}")
+        at_least(parser, args, 0, "xi", hint=" (a relative radius, e.g. 0.5 or 0.003)")
+        at_least(parser, args, 1, "samples")
         if min(args.batch_size, args.chunk_size) < 1 or args.pgd_steps < 0:
             parser.error("--batch-size and --chunk-size must be >= 1, --pgd-steps >= 0")
-    try:
-        CONFIGS.get(args.measure, make_config)(args)
-    except ValueError as e:
-        parser.error(str(e))
-    if load_run is None:
-        from robust_flat.runs import load_run
-    if load_eval_set is None:
-        from robust_flat.data import load_eval_set
-
-    from experiments.cli import load_checked
-
-    loaded = load_checked(load_run, args.run_dir, snapshot)
-    try:  # the measures see the chosen weights and their batch-norm statistics as the run's
-        loaded = select_weights(loaded, args.weights)
-    except ValueError as e:
-        raise SystemExit(str(e))
+    checked(parser, CONFIGS.get(args.measure, make_config), args)
+    # the measures see the chosen weights and their batch-norm statistics as the run's
+    loaded = load_snapshot(load_run, args.run_dir, snapshot, args.weights)
     out_dir = os.path.join(args.run_dir, "flatness")
     subset = args.subset or DEFAULT_SUBSET.get(args.measure, "test_first1000")
     params = loaded.params
     if args.measure in RUNS:
-        x, y = _load_data(load_eval_set, loaded, subset, args.data_dir, args.n_examples)
+        x, y = eval_examples(load_eval_set, loaded.config, subset, args.data_dir, args.n_examples)
         if args.measure == "landscape" and args.n_examples is None:  # the paper's one batch
             x, y = x[:landscape.N_EXAMPLES], y[:landscape.N_EXAMPLES]
         return RUNS[args.measure](args, loaded, params, x, y, out_dir, _depends_on(args, loaded, params, x, y))
@@ -283,7 +254,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
         pass
     config = make_config(args, clip)
     n = args.n_examples if args.n_examples is not None else 1000
-    x, y = _load_data(load_eval_set, loaded, subset, args.data_dir, n)
+    x, y = eval_examples(load_eval_set, loaded.config, subset, args.data_dir, n)
 
     xi = config.neighbourhood.xi if hasattr(config, "neighbourhood") else config.attack.neighbourhood.xi
     from robust_flat.runs import snapshot_tag
@@ -341,13 +312,6 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
 
 
 if __name__ == "__main__":
-    from experiments.cli import output_dirs, run_cli
-
-    try:
-        run_cli(main, sys.argv[1:], writes=output_dirs(sys.argv[1:], "flatness"),
-                kept="finished samples are kept under RUN/flatness/.partial/",
-                elsewhere="copy the run directory to a writable disk and measure it there")
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished units are kept under RUN/flatness/.partial/; run the same command again to "
-              "resume", file=sys.stderr)
-        sys.exit(130)
+    run_measure_cli(main, "flatness", "interrupted: finished units are kept under RUN/flatness/.partial/; run the same "
+                    "command again to resume", kept="finished samples are kept under RUN/flatness/.partial/",
+                    elsewhere="copy the run directory to a writable disk and measure it there")

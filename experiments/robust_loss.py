@@ -19,13 +19,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import sys
 import time
 from typing import Callable, Optional
 
-import numpy as np
-
-from experiments.cli import OneLineParser, load_checked, output_dirs, run_cli
+from experiments.cli import OneLineParser, at_least, checked, eval_examples, load_snapshot, run_measure_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,29 +65,15 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     from robust_flat.io import atomic_write_json
     from robust_flat.partial import finished_result, fingerprint
 
-    try:
-        eps = parse_eps(args.eps)
-    except ValueError as e:
-        parser.error(str(e))
-    if min(args.n_examples, args.pgd_steps, args.restarts, args.batch_size) < 1:
-        parser.error("--n-examples, --pgd-steps, --restarts and --batch-size must be >= 1")
-    from robust_flat.runs import check_snapshot, select_weights
+    eps = checked(parser, parse_eps, args.eps)
+    at_least(parser, args, 1, "n_examples", "pgd_steps", "restarts", "batch_size")
+    from robust_flat.runs import check_snapshot
 
-    try:
-        snapshot = check_snapshot(args.snapshot)
-    except ValueError as e:
-        parser.error(str(e))
+    snapshot = checked(parser, check_snapshot, args.snapshot)
     attack = PGDConfig(eps=eps, step_size=0.007 * eps / PAPER_EPS, steps=args.pgd_steps, restarts=args.restarts)
 
-    if load_eval_set is None:
-        from robust_flat.data import load_eval_set
-    if load_run is None:
-        from robust_flat.runs import load_run
-    loaded = select_weights(load_checked(load_run, args.run_dir, snapshot), args.weights)
-    x, y = load_eval_set(loaded.config, args.subset, args.data_dir)
-    if args.n_examples > len(x):
-        raise ValueError(f"--n-examples {args.n_examples} but subset {args.subset} has only {len(x)} examples")
-    x, y = np.asarray(x[:args.n_examples], np.float32), np.asarray(y[:args.n_examples], np.int32)
+    loaded = load_snapshot(load_run, args.run_dir, snapshot, args.weights)
+    x, y = eval_examples(load_eval_set, loaded.config, args.subset, args.data_dir, args.n_examples)
 
     payload = {"attack": [eps, attack.step_size, attack.steps, attack.restarts], "seed": args.seed,
                "subset": args.subset, "n": len(x), "epoch": loaded.epoch, "step": loaded.step,
@@ -126,8 +109,4 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
 
 
 if __name__ == "__main__":
-    try:
-        run_cli(main, sys.argv[1:], writes=output_dirs(sys.argv[1:], "evaluations"))
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again", file=sys.stderr)
-        sys.exit(130)
+    run_measure_cli(main, "evaluations", "interrupted; run the same command again")

@@ -358,3 +358,59 @@ def test_every_entry_points_eps_takes_fractions(tmp_path, capsys):
                 cli.main(argv + ["--eps", bad], load_run=stop, load_eval_set=stop)
             assert e.value.code == 2 and message in capsys.readouterr().err
     assert flatness.build_parser().parse_args(["--run-dir", "r", "--measure", "avg", "--eps", "2/255"]).eps == 2 / 255
+
+
+# ------------------------------------------------------------------ issue 17 move 5: one copy of each check
+def test_the_measuring_entry_points_check_their_options_and_inputs_alike(tmp_path, capsys):
+    from experiments import cli, evaluate, flatness, robust_loss
+    from toy_task import load_toy_eval_set, load_toy_run
+
+    missing = str(tmp_path / "missing")
+    clis = {evaluate: ["--attack", "pgd"], flatness: ["--measure", "avg"], robust_loss: []}
+
+    def line(module, *argv, **loaders):
+        return _one_line_error(capsys, lambda: cli.run_cli(module.main, [*clis[module], *argv], **loaders))
+
+    see = "; see python -m experiments.{} --help"
+    assert line(evaluate, "--run-dir", missing, "--n-examples", "0") == (
+        "error: --n-examples, --batch-size and --shape-buckets must be >= 1" + see.format("evaluate"))
+    assert line(evaluate, "--run-dir", missing, "--attack", "apgd-t", "--n-target-classes", "-2") == (
+        "error: --n-target-classes must be >= 1 (default: min(9, classes - 1)), got -2" + see.format("evaluate"))
+    assert line(robust_loss, "--run-dir", missing, "--batch-size", "0") == (
+        "error: --n-examples, --pgd-steps, --restarts and --batch-size must be >= 1" + see.format("robust_loss"))
+    assert line(flatness, "--run-dir", missing, "--xi", "nan") == (  # NaN is refused like a negative radius
+        "error: --xi must be >= 0 (a relative radius, e.g. 0.5 or 0.003), got nan" + see.format("flatness"))
+    assert line(flatness, "--run-dir", missing, "--n-examples", "0") == (
+        "error: --n-examples must be >= 1, got 0" + see.format("flatness"))
+    for module in clis:  # the same line from each, before the run is looked at
+        assert line(module, "--run-dir", missing, "--snapshot", "x").startswith("error: --snapshot must be an epoch")
+    assert not os.path.exists(missing)
+
+    toy = dict(load_run=load_toy_run, load_eval_set=load_toy_eval_set)  # 48 examples, no averaged weights
+    run = ["--run-dir", str(tmp_path), "--batch-size", "8"]
+    for module in clis:
+        assert line(module, *run, "--n-examples", "49", **toy) == (
+            "error: --n-examples 49 but subset test_first1000 has only 48 examples")
+        assert "no weight-averaged parameters" in line(module, *run, "--weights", "ema", **toy)
+    assert not (tmp_path / "evaluations").exists() and not (tmp_path / "flatness").exists()
+
+
+def test_a_measuring_entry_point_started_as_a_command(monkeypatch, capsys):
+    import pytest
+
+    from experiments import cli
+
+    def interrupted(argv):
+        assert argv == ["--run-dir", "R"]
+        raise KeyboardInterrupt
+
+    def refused(argv):
+        raise ValueError("bad\ninput")
+
+    monkeypatch.setattr("sys.argv", ["prog", "--run-dir", "R"])
+    with pytest.raises(SystemExit) as e:
+        cli.run_measure_cli(interrupted, "flatness", "interrupted: run it again")
+    assert e.value.code == 130 and capsys.readouterr().err == "\ninterrupted: run it again\n"
+    with pytest.raises(SystemExit) as e:
+        cli.run_measure_cli(refused, "flatness", "interrupted")
+    assert e.value.code == 2 and capsys.readouterr().err == "error: bad\n"
