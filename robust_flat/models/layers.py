@@ -174,23 +174,30 @@ def _max_pool_2x2(x):
     return _windows(x).max(axis=(2, 4))
 
 
-def _first_max_mask(x6, out):
-    """Boolean (n, h/2, 2, w/2, 2, c): True at the first maximum of every 2x2 window (row-major), else False."""
-    e = x6 == out[:, :, None, :, None, :]
-    e00, e01, e10, e11 = e[:, :, 0, :, 0], e[:, :, 0, :, 1], e[:, :, 1, :, 0], e[:, :, 1, :, 1]
-    seen = e00 | e01
-    row0 = jnp.stack([e00, e01 & ~e00], axis=3)
-    row1 = jnp.stack([e10 & ~seen, e11 & ~(seen | e10)], axis=3)
-    return jnp.stack([row0, row1], axis=2)
+def _first_max_mask(x6):
+    """Boolean (n, h/2, 2, w/2, 2, c): True at the first maximum of every 2x2 window (row-major), else False.
+
+    The window's four elements are compared with each other, never with a maximum computed elsewhere: XLA may
+    compute ``x6`` in two kernels that round it differently (XLA:CPU at ``--xla_backend_optimization_level=0`` fuses
+    a multiply-add into an FMA in some kernels only), and ``x6 == max`` then matched no element of a window. So
+    every window has exactly one True, whatever the rounding (with a NaN in the window: one of its elements).
+    """
+    a, b, c, d = x6[:, :, 0, :, 0], x6[:, :, 0, :, 1], x6[:, :, 1, :, 0], x6[:, :, 1, :, 1]
+    first = (a >= b) & (a >= c) & (a >= d)
+    second = ~first & (b >= c) & (b >= d)
+    third = ~(first | second) & (c >= d)
+    fourth = ~(first | second | third)
+    return jnp.stack([jnp.stack([first, second], axis=3), jnp.stack([third, fourth], axis=3)], axis=2)
 
 
 @_max_pool_2x2.defjvp
 def _max_pool_2x2_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    x6 = _windows(x)
-    out = x6.max(axis=(2, 4))
-    mask = _first_max_mask(x6, out)
-    return out, jnp.sum(jnp.where(mask, _windows(t), jnp.zeros((), t.dtype)), axis=(2, 4))
+    mask = _first_max_mask(_windows(x))
+    # The primal output through this custom JVP again: the derivative of this rule (forward-over-reverse, HVPs) is
+    # then this rule, not lax.reduce_max's JVP, which finds the maximum by x6 == max and divides by the number found
+    # (0/0 when the two were rounded differently, see _first_max_mask).
+    return _max_pool_2x2(x), jnp.sum(jnp.where(mask, _windows(t), jnp.zeros((), t.dtype)), axis=(2, 4))
 
 
 # Kaiming normal with gain sqrt(2): fan_out for convs, fan_in for the classifier (as the released code).
