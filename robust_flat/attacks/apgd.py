@@ -55,8 +55,8 @@ import numpy as np
 from jax import lax
 
 from robust_flat import xla
-from robust_flat.attacks.common import (bucket_size, check_inputs, cross_entropy, dlr_loss, jit_attack,
-                                       jit_logits_fn)
+from robust_flat.attacks.common import (bucket_size, check_inputs, check_threat_model, cross_entropy, dlr_loss,
+                                       jit_attack, jit_logits_fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +93,7 @@ class APGDConfig:
     shape_buckets: int = 6
 
     def __post_init__(self):
-        if not self.eps > 0:
-            raise ValueError(f"APGD eps must be > 0, got {self.eps}")
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"APGD norm must be linf or l2, got {self.norm!r}")
+        check_threat_model("APGD", self.eps, self.norm)
         if self.n_iter < 1 or self.n_restarts < 1:
             raise ValueError(f"APGD needs n_iter >= 1 and n_restarts >= 1, got {self.n_iter}, {self.n_restarts}")
         if self.loss not in ("ce", "dlr"):

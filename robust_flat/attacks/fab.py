@@ -38,9 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from robust_flat import xla
-from robust_flat.attacks.common import check_inputs, jit_attack, jit_logits_fn
+from robust_flat.attacks.common import NORMS, check_inputs, check_threat_model, jit_attack, jit_logits_fn
 
-_NORMS = ("linf", "l2")
 _NOT_FOUND = 1e10  # the original's "no adversarial example yet" distance
 
 
@@ -73,10 +72,7 @@ class FABConfig:
     unroll: int = 5
 
     def __post_init__(self):
-        if not self.eps > 0:
-            raise ValueError(f"FAB eps must be > 0, got {self.eps}")
-        if self.norm not in _NORMS:
-            raise ValueError(f"FAB norm must be linf or l2, got {self.norm!r}")
+        check_threat_model("FAB", self.eps, self.norm)
         if self.n_iter < 1 or self.n_restarts < 1 or self.n_target_classes < 1 or self.unroll < 1:
             raise ValueError("FAB needs n_iter, n_restarts, n_target_classes and unroll >= 1, got "
                              f"{self.n_iter}, {self.n_restarts}, {self.n_target_classes}, {self.unroll}")
@@ -145,7 +141,7 @@ def project_hyperplane_box(t, w, b, norm: str):
     L-inf: ``d_i = -sign(w_i) min(lam, cap_i)``, with ``sum |w_i| min(lam, cap_i) = c``.
     L2: ``d_i = -w_i min(lam, cap_i / |w_i|)``, with ``sum w_i^2 min(lam, cap_i / |w_i|) = c``.
     """
-    if norm not in _NORMS:
+    if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose linf or l2")
     t = t.astype(jnp.float32)
     w = w.astype(jnp.float32)

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from robust_flat.attacks.common import get_loss, init_delta, jit_attack, normalize_gradient, project
+from robust_flat.attacks.common import (check_threat_model, get_loss, init_delta, jit_attack, normalize_gradient,
+                                        project)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +49,9 @@ class PGDConfig:
     tau: Optional[int] = None
 
     def __post_init__(self):
-        if not self.eps > 0:
-            raise ValueError(f"PGD eps must be > 0, got {self.eps}")
+        check_threat_model("PGD", self.eps, self.norm)
         if self.steps < 0 or self.restarts < 1:
             raise ValueError(f"PGD needs steps >= 0 and restarts >= 1, got {self.steps}, {self.restarts}")
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"PGD norm must be linf or l2, got {self.norm!r}")
         if self.best_iterate not in ("example", "batch", "last"):
             raise ValueError(f"unknown best_iterate {self.best_iterate!r}")
         if self.restart_selection not in ("loss", "confidence"):

@@ -37,9 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from robust_flat.attacks.common import cross_entropy, jit_attack
+from robust_flat.attacks.common import check_threat_model, cross_entropy, jit_attack
 
-_NORMS = ("linf", "l2")
 _LOSSES = ("margin", "ce")
 
 
@@ -62,10 +61,7 @@ class SquareConfig:
     shared_window: bool = False
 
     def __post_init__(self):
-        if not self.eps > 0:
-            raise ValueError(f"Square eps must be > 0, got {self.eps}")
-        if self.norm not in _NORMS:
-            raise ValueError(f"Square norm must be linf or l2, got {self.norm!r}")
+        check_threat_model("Square", self.eps, self.norm)
         if self.loss not in _LOSSES:
             raise ValueError(f"Square loss must be margin or ce, got {self.loss!r}")
         if self.n_queries < 0 or self.n_restarts < 1:
