@@ -92,7 +92,7 @@ def test_an_old_run_resumes_only_with_the_constants_it_was_trained_with(tmp_path
         if ok:
             prepare_run_dir(str(run), c)
             continue
-        with pytest.raises(TrainingError, match=r"different config \(model.whitening: None -> 'cifar100'\)"):
+        with pytest.raises(TrainingError, match=r"different config \(model.whitening: 'cifar10' -> 'cifar100'\)"):
             prepare_run_dir(str(run), c)
         c.model.whitening = "cifar10"
         prepare_run_dir(str(run), c)
