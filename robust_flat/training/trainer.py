@@ -132,18 +132,19 @@ def prepare_run_dir(run_dir: str, config, write: bool = True, log=None) -> None:
 
 
 def _as_ran(old: dict) -> dict:
-    """A stored config, flattened, with the options added since it was written at the values it ran with."""
+    """A config, flattened, with the options added since it was written at the values it ran with (both sides of a
+    comparison: a config built without such an option, as experiments.import_torch's model dict, means the same)."""
     a = _flatten(old)
     return {**{k: v for k, v in _ADDED_KEYS.items() if k not in a}, **a}
 
 
 def _config_diff(old: dict, new: dict) -> list:
-    a, b = _as_ran(old), _flatten(new)
+    a, b = _as_ran(old), _as_ran(new)
     return sorted(k for k in set(a) | set(b) if k not in _VOLATILE_KEYS and a.get(k) != b.get(k))
 
 
 def _describe(diff: list, old: dict, new: dict) -> str:
-    a, b = _as_ran(old), _flatten(new)
+    a, b = _as_ran(old), _as_ran(new)
     return ", ".join(f"{'.'.join(k)}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
 
 
