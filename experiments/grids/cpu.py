@@ -1,17 +1,19 @@
-"""The CPU-scale reproduction of the paper's finding (docs/reproduction/REPORT.md), sized for a 2-core machine.
+"""The first CPU-scale grid (docs/reproduction-cpu/REPORT.md), sized for a 2-core machine; its models underfit, so
+the reproduction is its successor ``cpu_overfit.py`` (docs/reproduction/REPORT.md), which takes its methods and measures.
 
     python -m experiments.grid experiments/grids/cpu.py --data-dir DIR      # DIR: CIFAR-10 (see README "Data")
-    python -m experiments.report runs/grid_cpu --out docs/reproduction
+    python -m experiments.report runs/grid_cpu --out docs/reproduction-cpu
 
-Scale (chosen so that the grid finishes within about 1.5 hours on 2 CPU cores with 2 workers, and AT can overfit
-robustly): the small CNN with BN on the first 1,000 CIFAR-10 training images (class-balanced), 30 epochs of the
-paper's recipe (SGD lr 0.05, x0.1 at 40/60/80% of training) with batch 32 instead of 128 (930 steps; the paper keeps
-lr 0.05 for its batch-size variants), snapshots every 5 epochs, and a smaller radius: training and every measure at
-eps 4/255 (training PGD-5 with step 1/255). At the paper's eps 8/255 this model only underfits in this budget (a
-pilot AT run: train/test robust loss 1.91/2.03 after 18 of 30 epochs, past the first decay, test still falling), so
-nothing could overfit. Measures at every 10th epoch and on the early-stopped model, on 300 images (robust loss) and
-200 images (flatness) instead of 1,000, with fewer samples/restarts than the paper (see ``measures``); the paper's
-full settings are in ``experiments/grids/paper.py``. Run it with ``--workers 2`` on a 2-core machine.
+Scale (chosen so that the grid finishes within about 1.5 hours on 2 CPU cores with 2 workers, and so that AT could
+overfit robustly, which it did not): the small CNN with BN on the first 1,000 CIFAR-10 training images (class-
+balanced), 30 epochs of the paper's recipe (SGD lr 0.05, x0.1 at 40/60/80% of training) with batch 32 instead of 128
+(930 steps; the paper keeps lr 0.05 for its batch-size variants), snapshots every 5 epochs, and a smaller radius:
+training and every measure at eps 4/255 (training PGD-5 with step 1/255). At the paper's eps 8/255 this model only
+underfits in this budget (a pilot AT run: train/test robust loss 1.91/2.03 after 18 of 30 epochs, past the first
+decay, test still falling), so nothing could overfit. Measures at every 10th epoch and on the early-stopped model, on
+300 images (robust loss) and 200 images (flatness) instead of 1,000, with fewer samples/restarts than the paper (see
+``measures``); the paper's full settings are in ``experiments/grids/paper.py``. Run it with ``--workers 2`` on a
+2-core machine.
 """
 import ml_collections
 

@@ -1,6 +1,6 @@
-"""The CPU reproduction resized so that AT overfits robustly (H1): candidate successor of ``cpu.py``.
+"""The CPU-scale reproduction (docs/reproduction/REPORT.md): ``cpu.py`` resized so that AT overfits robustly (H1).
 
-    python -m experiments.grid experiments/grids/cpu_overfit.py --data-dir DIR --workers 2
+    python -m experiments.grid experiments/grids/cpu_overfit.py --data-dir DIR --workers 2 --order snapshot
     python -m experiments.report runs/grid_cpu_overfit --out docs/reproduction
 
 ``cpu.py`` (1,000 images, the small CNN at width 1, 30 epochs, first decay at 40%) only underfits: at its end AT's
