@@ -1,5 +1,5 @@
 """The first CPU-scale grid (docs/reproduction-cpu/REPORT.md), sized for a 2-core machine; its models underfit, so
-the reproduction is its successor ``cpu_overfit.py`` (docs/reproduction/REPORT.md), which takes its methods and measures.
+the reproduction is its successor ``cpu_overfit.py`` (docs/reproduction/REPORT.md), with its methods and measures.
 
     python -m experiments.grid experiments/grids/cpu.py --data-dir DIR      # DIR: CIFAR-10 (see README "Data")
     python -m experiments.report runs/grid_cpu --out docs/reproduction-cpu
