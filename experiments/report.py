@@ -542,21 +542,27 @@ def archive_results(roots: Sequence[str], out_dir: str) -> int:
     """Copy the small result files the analysis reads (config.json, metrics.jsonl, the evaluation and flatness JSON
     summaries; no checkpoints, per-example files or logs) into ``out_dir/results/<label>/`` and the grid's
     ``grid.json`` into ``out_dir/results/``, so the report can be regenerated from the committed copy on a machine
-    without the runs (``python -m experiments.report OUT/results --out OUT``). Returns the number of files copied."""
+    without the runs (``python -m experiments.report OUT/results --out OUT``). Files an earlier archive left there that
+    this one does not hold (another grid's runs, snapshots not measured here) are removed, so the archive is exactly
+    what this report read. Returns the number of files copied."""
     import glob
     import shutil
 
     dest_root = os.path.join(out_dir, "results")
     count = 0
+    written: Optional[set] = set()
     for root in roots:
         root = os.path.normpath(root)
         if os.path.abspath(root) == os.path.abspath(dest_root):
-            continue  # regenerating from the archive itself
+            written = None  # regenerating from the archive itself: it stays as it is
+            continue
         runs = [root] if os.path.isfile(os.path.join(root, "config.json")) else sorted(
             d for d in glob.glob(os.path.join(root, "*")) if os.path.isfile(os.path.join(d, "config.json")))
         if os.path.isfile(os.path.join(root, "grid.json")):
             os.makedirs(dest_root, exist_ok=True)
             shutil.copyfile(os.path.join(root, "grid.json"), os.path.join(dest_root, "grid.json"))
+            if written is not None:
+                written.add(os.path.abspath(os.path.join(dest_root, "grid.json")))
             count += 1
         for run in runs:
             for pattern in ARCHIVED:
@@ -566,7 +572,15 @@ def archive_results(roots: Sequence[str], out_dir: str) -> int:
                     dst = os.path.join(dest_root, os.path.basename(run), os.path.relpath(src, run))
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
                     _copy_result(src, dst, os.path.basename(run))
+                    if written is not None:
+                        written.add(os.path.abspath(dst))
                     count += 1
+    for here, _, files in os.walk(dest_root, topdown=False) if written is not None else ():
+        for name in files:
+            if os.path.abspath(os.path.join(here, name)) not in written:
+                os.remove(os.path.join(here, name))
+        if here != dest_root and not os.listdir(here):
+            os.rmdir(here)
     return count
 
 

@@ -206,3 +206,20 @@ def test_archive_lets_the_report_be_regenerated_without_the_runs(tmp_path):
     shutil.rmtree(root)
     again = report.main([str(out / "results"), "--out", str(out), *FAST])
     assert again == first and (out / "table.csv").read_text() == table
+
+
+def test_the_archive_holds_only_what_this_report_read(tmp_path):
+    """A report written over an older one (another grid, or snapshots this grid has not measured) leaves no stale
+    result files in OUT/results."""
+    root = grid(tmp_path, 4)
+    out = tmp_path / "rep"
+    stale = out / "results" / "another_run" / "flatness" / "grid_avg_xi0.5_ep5.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    run = sorted(p for p in root.iterdir() if (p / "config.json").exists())[0]
+    old_snapshot = out / "results" / run.name / "evaluations" / "grid_rloss_test_first1000_ep99.json"
+    old_snapshot.parent.mkdir(parents=True)
+    old_snapshot.write_text("{}")
+    report.main([str(root), "--out", str(out), *FAST])
+    assert not stale.exists() and not stale.parent.parent.exists() and not old_snapshot.exists()
+    assert (out / "results" / run.name / "config.json").exists()
