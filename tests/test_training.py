@@ -280,7 +280,7 @@ def test_a_run_written_before_an_option_existed_resumes_with_its_default(tmp_pat
     os.makedirs(tmp_path / "checkpoints" / "latest" / "3")  # a rolling checkpoint: the stored config is binding
     prepare_run_dir(str(tmp_path), c)
     c.train.label_smoothing = 0.1
-    with pytest.raises(TrainingError, match=r"different config \(train.label_smoothing: None -> 0.1\)"):
+    with pytest.raises(TrainingError, match=r"different config \(train.label_smoothing: 0.0 -> 0.1\)"):
         prepare_run_dir(str(tmp_path), c)
 
 
