@@ -396,7 +396,8 @@ def test_a_snapshot_that_is_the_early_stopped_model_reuses_the_result_of_best(tm
     by = {u.name: u for u in units}
     (root / "a").mkdir(parents=True)
     with open(root / "a" / "metrics.jsonl", "w") as f:
-        f.write(json.dumps({"epoch": 2, "es_robust_error": 0.4}) + "\n" + json.dumps({"epoch": 4, "es_robust_error": 0.5}) + "\n")
+        for e, err in ((2, 0.4), (4, 0.5)):
+            f.write(json.dumps({"epoch": e, "es_robust_error": err}) + "\n")
     assert G.reuse_same_model(by["a/avg_ep2"], by) is None  # best not measured yet: compute
     os.makedirs(os.path.dirname(by["a/avg_best"].outputs[0]))
     with open(by["a/avg_best"].outputs[0], "w") as f:

@@ -95,7 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
         fraction=1.0,        # share of each batch trained adversarially (paper: 1.0; code's 50/50 variant: 0.5)
         unroll=True,         # unrolled PGD loop (2-5x faster than a rolled loop on XLA:CPU)
         tau=-1,              # PGD-tau: stop tau iterations after the label flipped (paper: 0, 1, 2, 3); -1: plain PGD
-        step_rule="fixed",   # fixed: step_size as given; scaled: step_size x eps / (8/255) (step_size is the 8/255 step)
+        step_rule="fixed",   # fixed: step_size as given; scaled: step_size x eps / (8/255)
+                             # (step_size is then the 8/255 step)
     ))
 
     # weight averaging: tau (paper: 0.98, 0.985, 0.99, 0.9975); the average's batch-norm statistics are re-estimated at

@@ -22,7 +22,8 @@ def attack_config(config, steps: Optional[int] = None, restarts: Optional[int] =
     given whatever eps, as the released code's registry does for its eps variants (0.0235 ... 0.0352 all use
     ``lr0007``); ``scaled`` reads ``step_size`` as the step at eps = 8/255 and scales it with eps, ``step_size x eps /
     (8/255)``, so PGD-k covers the same share of the ball at every radius (the larger-eps models,
-    experiments/configs/larger_eps.py: 9/255 -> 0.007875; docs/paper-vs-code.md#larger-eps). The evaluation attacks (experiments/evaluate.py, robust_loss.py, flatness.py) take their own ``--eps`` (8/255).
+    experiments/configs/larger_eps.py: 9/255 -> 0.007875; docs/paper-vs-code.md#larger-eps). The evaluation attacks
+    (experiments/evaluate.py, robust_loss.py, flatness.py) take their own ``--eps`` (8/255).
     ``attack.tau`` >= 0 selects PGD-tau (-1: plain PGD).
 
     With ``steps`` and/or ``restarts`` it is the trainer's evaluation attack of the same block (per-epoch curves:

@@ -70,8 +70,9 @@ _VOLATILE_KEYS = {("data", "data_dir"), ("debug", "sigkill_at_step"), ("debug", 
 # Options added after runs were written: a run whose config.json lacks one ran as this value, so it resumes when the
 # new config has this value (its default).
 _ADDED_KEYS = {("attack", "tau"): -1, ("data", "label_noise"): 0.0, ("train", "label_smoothing"): 0.0,
-               ("ema", "bn_batches"): 0, ("attack", "step_rule"): "fixed", ("data", "autoaugment"): False, ("data", "cutout"): 0,
-               ("data", "extra_path"): "", ("data", "extra_fraction"): 0.5, ("model", "whitening"): "cifar10"}
+               ("ema", "bn_batches"): 0, ("attack", "step_rule"): "fixed", ("data", "autoaugment"): False,
+               ("data", "cutout"): 0, ("data", "extra_path"): "", ("data", "extra_fraction"): 0.5,
+               ("model", "whitening"): "cifar10"}
 
 
 def _flatten(d, prefix=()):
@@ -131,11 +132,11 @@ def prepare_run_dir(run_dir: str, config, write: bool = True, log=None) -> None:
         atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
-def _as_ran(old: dict) -> dict:
+def _as_ran(config: dict) -> dict:
     """A config, flattened, with the options added since it was written at the values it ran with (both sides of a
     comparison: a config built without such an option, as experiments.import_torch's model dict, means the same)."""
-    a = _flatten(old)
-    return {**{k: v for k, v in _ADDED_KEYS.items() if k not in a}, **a}
+    flat = _flatten(config)
+    return {**{k: v for k, v in _ADDED_KEYS.items() if k not in flat}, **flat}
 
 
 def _config_diff(old: dict, new: dict) -> list:
