@@ -5,8 +5,8 @@
 
 What the entry points that measure a run's snapshot (``experiments.evaluate``, ``experiments.robust_loss``,
 ``experiments.flatness``) share: the checks of their options (:func:`checked`, :func:`at_least`), loading the
-snapshot with the chosen weights (:func:`load_snapshot`) and the evaluation examples (:func:`eval_examples`), and
-their ``python -m`` start (:func:`run_measure_cli`).
+snapshot with the chosen weights (:func:`load_snapshot`) and the evaluation examples (:func:`eval_examples`), the
+PGD step rule (:func:`add_step_rule`), and their ``python -m`` start (:func:`run_measure_cli`).
 """
 from __future__ import annotations
 
@@ -121,6 +121,17 @@ def load_checked(load_run: Callable, run_dir: str, snapshot):
                          "version of robust-flat; pass the --run-dir of a training run") from e
     finally:
         absl_log.setLevel(level)
+
+
+def add_step_rule(add_argument: Callable, **kwargs) -> None:
+    """``--pgd-step-rule``, the option of every measuring entry point whose PGD follows ``--eps``: ``add_argument`` of
+    a parser or group (``kwargs`` go with it)."""
+    from robust_flat.attacks.pgd import STEP_RULES
+
+    add_argument("--pgd-step-rule", choices=STEP_RULES, default="scaled",
+                 help="how the PGD step follows --eps (robust_flat.attacks.pgd.step_size_for): scaled (default: "
+                      "0.007 x eps / (8/255), 0.0035 at 4/255) or fixed (0.007 at every eps, the released code's); "
+                      "both give 0.007 at 8/255", **kwargs)
 
 
 def checked(parser: argparse.ArgumentParser, check: Callable, *args):

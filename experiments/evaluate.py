@@ -30,7 +30,7 @@ import os
 import time
 from typing import Callable, Optional
 
-from experiments.cli import OneLineParser, at_least, checked, eval_examples, load_snapshot, run_measure_cli
+from experiments.cli import OneLineParser, add_step_rule, at_least, checked, eval_examples, load_snapshot, run_measure_cli
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-iter", type=int, default=100, help="APGD/FAB iterations (100 = AutoAttack's)")
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--pgd-restarts", type=int, default=10)
+    add_step_rule(p.add_argument)
     p.add_argument("--n-target-classes", type=int, default=None,
                    help="target classes of APGD-T and FAB-T (default min(9, classes - 1): 9 for CIFAR-10; at most "
                         "classes - 1)")
@@ -103,7 +104,7 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     def make_components(n_classes=None):
         return ev.make_components(args.attack, eps, args.norm, args.version,
                                   args.attacks.split(",") if args.attacks else None, n_iter=args.n_iter,
-                                  pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts,
+                                  pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, pgd_step_rule=args.pgd_step_rule,
                                   n_target_classes=args.n_target_classes, n_classes=n_classes)
 
     try:

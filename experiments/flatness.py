@@ -39,7 +39,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from experiments import hessian, landscape
-from experiments.cli import OneLineParser, at_least, checked, eval_examples, load_snapshot, run_measure_cli
+from experiments.cli import OneLineParser, add_step_rule, at_least, checked, eval_examples, load_snapshot, run_measure_cli
 from robust_flat.io import atomic_save_npz, atomic_write_json
 from robust_flat.partial import PartialResults, finished_result, fingerprint
 from robust_flat.runs import WEIGHTS, check_snapshot
@@ -131,6 +131,7 @@ def build_parser() -> MeasureParser:
            help="L-inf radius of the input attacks, 8/255 or 0.0314 (default: 8/255)")
     common("--pgd-steps", applies=ROBUST, type=int, default=20,
            help="PGD iterations (inner max and reference; the robust-loss Hessian; every landscape point)")
+    add_step_rule(common, applies=ROBUST)
     common("--batch-size", applies=FLATNESS_MEASURES + ("hessian",), type=int, default=128)
     common("--lanczos-iters", applies=("hessian", "landscape"), type=int, default=None,
            help=f"Lanczos iterations (default: {hessian.LANCZOS_ITERS} for hessian; {landscape.LANCZOS_ITERS} for "
@@ -168,7 +169,7 @@ def build_parser() -> MeasureParser:
 
 def make_config(args, clip_weights: Optional[float] = None):
     """The flatness configuration for ``args.measure`` (paper defaults, overridden by the CLI options)."""
-    from robust_flat.attacks.pgd import PGDConfig
+    from robust_flat.attacks.pgd import PGDConfig, step_size_for
     from robust_flat.flatness import AverageCaseConfig, WorstCaseConfig
     from robust_flat.weights import Neighbourhood, WeightAttackConfig
 
@@ -177,8 +178,9 @@ def make_config(args, clip_weights: Optional[float] = None):
     xi = args.xi if args.xi is not None else (0.003 if worst else 0.5)
     samples = args.samples if args.samples is not None else 10
     nb = Neighbourhood(xi=xi, granularity=args.granularity, box=clip_weights or None)
-    inner = PGDConfig(eps=args.eps, step_size=0.007, steps=args.pgd_steps) if robust else None
-    reference = (PGDConfig(eps=args.eps, step_size=0.007, steps=args.pgd_steps, restarts=args.reference_restarts)
+    step = step_size_for(args.eps, args.pgd_step_rule)
+    inner = PGDConfig(eps=args.eps, step_size=step, steps=args.pgd_steps) if robust else None
+    reference = (PGDConfig(eps=args.eps, step_size=step, steps=args.pgd_steps, restarts=args.reference_restarts)
                  if robust else None)
     common = dict(reference_attack=reference, nu_per=args.nu_per, batch_size=args.batch_size,
                   strategy=args.strategy, chunk_size=args.chunk_size)

@@ -241,13 +241,17 @@ def _snap_name(s, run: Run) -> str:
 
 
 MEASURE_FIELDS = {
-    "rloss": {"snapshots", "subsets", "n_examples", "pgd_steps", "restarts", "runs", "eps"},
+    "rloss": {"snapshots", "subsets", "n_examples", "pgd_steps", "restarts", "runs", "eps", "pgd_step_rule"},
     "autoattack": {"snapshots", "version", "n_examples", "n_iter", "runs", "eps"},
-    "avg": {"snapshots", "xi", "samples", "n_examples", "pgd_steps", "reference_restarts", "nu_per", "runs", "eps"},
+    "avg": {"snapshots", "xi", "samples", "n_examples", "pgd_steps", "reference_restarts", "nu_per", "runs", "eps",
+            "pgd_step_rule"},
     "worst": {"snapshots", "xi", "restarts", "n_examples", "pgd_steps", "reference_restarts", "attack_iters",
-              "nu_per", "runs", "eps"},
-    "landscape": {"snapshots", "n_examples", "runs", "directions", "num_directions", "steps", "eps"},
+              "nu_per", "runs", "eps", "pgd_step_rule"},
+    "landscape": {"snapshots", "n_examples", "runs", "directions", "num_directions", "steps", "eps", "pgd_step_rule"},
 }
+# The measures whose commands always name their PGD step rule (``pgd_step_rule``, default scaled): experiments.flatness
+# stepped 0.007 at every eps before the rule was shared, so naming it marks the results made that way stale.
+NAMES_STEP_RULE = ("avg", "worst", "landscape")
 
 
 def check_measures(grid, runs: Sequence[Run]) -> dict:
@@ -264,6 +268,11 @@ def check_measures(grid, runs: Sequence[Run]) -> dict:
         if unknown:
             raise GridError(f"measure {name}: unknown fields {sorted(unknown)}; it takes "
                             f"{', '.join(sorted(MEASURE_FIELDS[name]))}")
+        from robust_flat.attacks.pgd import STEP_RULES
+
+        if spec.get("pgd_step_rule", "scaled") not in STEP_RULES:
+            raise GridError(f"measure {name}: pgd_step_rule {spec['pgd_step_rule']!r}; choose one of "
+                            f"{', '.join(STEP_RULES)}")
         for lab in spec.get("runs", ()) or ():
             if lab not in labels:
                 raise GridError(f"measure {name} names run {lab!r}, which the grid does not list")
@@ -320,6 +329,8 @@ def _measure_units(name, spec, run, snap, rdir, logs, base, python, grad_s, afte
     n = int(spec.get("n_examples", 1000))
     if spec.get("eps") is not None:  # the input radius of every attack of the measure (default: each CLI's 8/255)
         base = [*base, "--eps", repr(float(spec["eps"]))]
+    if spec.get("pgd_step_rule") or name in NAMES_STEP_RULE:
+        base = [*base, "--pgd-step-rule", spec.get("pgd_step_rule", "scaled")]
     out = []
     if name == "rloss":
         steps, restarts = int(spec.get("pgd_steps", 20)), int(spec.get("restarts", 10))

@@ -40,7 +40,7 @@ def add_options(option) -> None:
 
 def config(args):
     """The :class:`robust_flat.hessian.HessianConfig` of the command line; a bad setting is a ``ValueError``."""
-    from robust_flat.attacks.pgd import PGDConfig
+    from robust_flat.attacks.pgd import PGDConfig, step_size_for
     from robust_flat.hessian import HessianConfig, resolve_filter
 
     if args.k < 1 or lanczos_iters(args) < 1:
@@ -51,8 +51,9 @@ def config(args):
         resolve_filter(args.hessian_select)
     except re.error as e:
         raise ValueError(f"--hessian-select {args.hessian_select!r} is not a regular expression: {e}") from None
+    pgd = PGDConfig(eps=args.eps, steps=args.pgd_steps, step_size=step_size_for(args.eps, args.pgd_step_rule))
     return HessianConfig(loss=args.hessian_loss, select=args.hessian_select, batch_size=args.batch_size,
-                         reduction=args.hessian_reduction, pgd=PGDConfig(eps=args.eps, steps=args.pgd_steps))
+                         reduction=args.hessian_reduction, pgd=pgd)
 
 
 def lanczos_iters(args) -> int:

@@ -68,17 +68,18 @@ def add_options(option) -> None:
 
 def config(args):
     """The :class:`robust_flat.landscape.LandscapeConfig` of the command line; a bad setting is a ``ValueError``."""
-    from robust_flat.attacks.pgd import PGDConfig
+    from robust_flat.attacks.pgd import PGDConfig, step_size_for
     from robust_flat.landscape import LandscapeConfig
 
     if min(args.pgd_steps, args.direction_pgd_steps, args.adversarial_steps) < 0:
         raise ValueError("--pgd-steps, --direction-pgd-steps and --adversarial-steps must be >= 0")
+    step = step_size_for(args.eps, args.pgd_step_rule)
     return LandscapeConfig(
         steps=args.steps, span=args.span, surface_steps=args.surface_steps, num_directions=args.num_directions,
         normalization=args.normalization, random_scale=args.random_scale, adversarial_scale=args.adversarial_scale,
-        hessian_scale=args.hessian_scale, pgd=PGDConfig(eps=args.eps, steps=args.pgd_steps),
-        direction_pgd=PGDConfig(eps=args.eps, steps=args.direction_pgd_steps), adversarial_xi=args.adversarial_xi,
-        adversarial_lr=args.adversarial_lr, adversarial_steps=args.adversarial_steps,
+        hessian_scale=args.hessian_scale, pgd=PGDConfig(eps=args.eps, steps=args.pgd_steps, step_size=step),
+        direction_pgd=PGDConfig(eps=args.eps, steps=args.direction_pgd_steps, step_size=step),
+        adversarial_xi=args.adversarial_xi, adversarial_lr=args.adversarial_lr, adversarial_steps=args.adversarial_steps,
         hessian_iters=LANCZOS_ITERS if args.lanczos_iters is None else args.lanczos_iters)
 
 

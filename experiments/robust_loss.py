@@ -2,12 +2,12 @@
 ``python -m experiments.robust_loss --run-dir RUN --snapshot N|best|last``.
 
     python -m experiments.robust_loss --run-dir RUN [--snapshot last] [--subset test_first1000] [--n-examples 1000]
-        [--pgd-steps 20] [--restarts 10] [--eps 8/255] [--batch-size 256] [--seed 0] [--data-dir D]
+        [--pgd-steps 20] [--restarts 10] [--eps 8/255] [--pgd-step-rule scaled] [--batch-size 256] [--seed 0] [--data-dir D]
         [--weights params|ema]
 
 RLoss is the cross-entropy at the PGD adversarial example (with restarts, the worst restart per example); RErr counts
 an example as wrong when the clean or the adversarial input is misclassified. The paper uses PGD-20 with 10 restarts
-(step 0.007 at eps 8/255, scaled with eps) on the first 1000 test images (``test_first1000``) and the first 1000
+(step 0.007 at eps 8/255, scaled with eps: ``--pgd-step-rule``) on the first 1000 test images (``test_first1000``) and the first 1000
 training images (``train_first1000``, for the robust generalization gap). Batch norm runs in eval mode.
 
 Output: ``RUN/evaluations/rloss_pgd{steps}x{restarts}_{subset}_n{N}_{snapshot}.json`` (or ``--name``) with
@@ -22,7 +22,7 @@ import os
 import time
 from typing import Callable, Optional
 
-from experiments.cli import OneLineParser, at_least, checked, eval_examples, load_snapshot, run_measure_cli
+from experiments.cli import OneLineParser, add_step_rule, at_least, checked, eval_examples, load_snapshot, run_measure_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--restarts", type=int, default=10, help="PGD restarts, worst per example (paper: 10)")
     p.add_argument("--eps", default="8/255", help="L-inf radius, e.g. 8/255 or 0.0314")
+    add_step_rule(p.add_argument)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
@@ -60,8 +61,8 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     :func:`robust_flat.runs.load_run` / :func:`robust_flat.data.load_eval_set` (injectable for tests)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from robust_flat.attacks.pgd import PGDConfig
-    from robust_flat.evaluation import PAPER_EPS, parse_eps
+    from robust_flat.attacks.pgd import PGDConfig, step_size_for
+    from robust_flat.evaluation import parse_eps
     from robust_flat.io import atomic_write_json
     from robust_flat.partial import finished_result, fingerprint
 
@@ -70,7 +71,8 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     from robust_flat.runs import check_snapshot
 
     snapshot = checked(parser, check_snapshot, args.snapshot)
-    attack = PGDConfig(eps=eps, step_size=0.007 * eps / PAPER_EPS, steps=args.pgd_steps, restarts=args.restarts)
+    attack = PGDConfig(eps=eps, step_size=step_size_for(eps, args.pgd_step_rule), steps=args.pgd_steps,
+                       restarts=args.restarts)
 
     loaded = load_snapshot(load_run, args.run_dir, snapshot, args.weights)
     x, y = eval_examples(load_eval_set, loaded.config, args.subset, args.data_dir, args.n_examples)

@@ -20,11 +20,10 @@ import numpy as np
 
 from robust_flat.attacks.autoattack import (ATTACK_NAMES, CLEAN, AutoAttackConfig, CascadeState, Component,
                                             check_classes, component, components, describe, run_cascade)
-from robust_flat.attacks.pgd import PGDConfig, pgd
+from robust_flat.attacks.pgd import PGDConfig, pgd, step_size_for
 from robust_flat.io import atomic_write_json
 
 ATTACKS = ("autoattack", "pgd") + ATTACK_NAMES
-PAPER_EPS = 8 / 255  # the paper's PGD step 0.007 belongs to eps 0.0314 ~ 8/255; other eps scale it
 
 
 def parse_eps(text, name: str = "eps") -> float:
@@ -55,11 +54,12 @@ def eps_tag(text) -> str:
 
 def make_components(attack: str, eps: float, norm: str = "linf", version: str = "standard",
                     attacks: Optional[Sequence[str]] = None, n_iter: int = 100, pgd_steps: int = 20,
-                    pgd_restarts: int = 10, pgd_step_size: Optional[float] = None,
+                    pgd_restarts: int = 10, pgd_step_rule: str = "scaled",
                     n_target_classes: Optional[int] = None, n_classes: Optional[int] = None) -> list[Component]:
     """The cascade for ``attack``: ``"autoattack"`` (``version``/``attacks`` as in :class:`AutoAttackConfig`), one
     AutoAttack component by name (standard settings), or ``"pgd"`` (the paper's evaluation PGD: ``pgd_steps``
-    signed steps of 0.007 at eps 8/255, scaled with eps, ``pgd_restarts`` restarts, worst case per example).
+    signed steps of 0.007 at eps 8/255, following eps by ``pgd_step_rule`` (:func:`robust_flat.attacks.pgd.step_size_for`),
+    ``pgd_restarts`` restarts, worst case per example).
 
     ``n_classes``: the model's class count; it sets APGD-T/FAB-T's target classes (``n_target_classes``, default
     ``min(9, n_classes - 1)``) and every attack is checked against it (``ValueError`` for more targets than
@@ -75,9 +75,8 @@ def make_components(attack: str, eps: float, norm: str = "linf", version: str = 
             check_classes(comps, n_classes)
         return comps
     if attack == "pgd":
-        step = pgd_step_size if pgd_step_size is not None else 0.007 * eps / PAPER_EPS
         return [Component("pgd", pgd, PGDConfig(eps=eps, norm=norm, steps=pgd_steps, restarts=pgd_restarts,
-                                                step_size=step))]
+                                                step_size=step_size_for(eps, pgd_step_rule)))]
     raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
 
 

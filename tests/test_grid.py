@@ -408,3 +408,30 @@ def test_a_snapshot_that_is_the_early_stopped_model_reuses_the_result_of_best(tm
     assert copied["flatness"] == 0.3 and copied["epoch"] == 2 and copied["snapshot"] == "2"
     assert G.unit_state(by["a/avg_ep2"]) == "done"
     assert not os.path.exists(by["a/avg_ep4"].outputs[0])
+
+
+def test_flatness_commands_name_their_pgd_step_rule_so_results_of_the_old_fixed_step_are_stale(tmp_path):
+    """avg/worst/landscape commands always say --pgd-step-rule (default scaled); rloss only when the grid asks. A
+    flatness result recorded with the command of before (no rule named, the fixed 0.007 step) is stale."""
+    text = GOOD.replace('"avg": dict(snapshots="last",', '"avg": dict(eps=4 / 255, snapshots="last",')
+    root = tmp_path / "root"
+    _, units = G.plan(G.load_grid(_grid(tmp_path, text)), str(root), None)
+    avg = next(u for u in units if u.name == "a/avg_last")
+    assert avg.command[avg.command.index("--pgd-step-rule") + 1] == "scaled"
+    assert not any("--pgd-step-rule" in u.command for u in units if u.kind in ("rloss", "autoattack", "train"))
+    from experiments import flatness
+
+    args = flatness.build_parser().parse_args(avg.command[3:])
+    assert flatness.make_config(args).attack.step_size == pytest.approx(0.007 / 2)
+    os.makedirs(os.path.dirname(avg.outputs[0]))
+    open(avg.outputs[0], "w").write("{}")
+    i = avg.command.index("--pgd-step-rule")
+    G.record_settings(avg.command[:i] + avg.command[i + 2:], avg.log)  # as the grid recorded it before
+    _, units = G.plan(G.load_grid(_grid(tmp_path, text)), str(root), None)
+    assert next(u for u in units if u.name == "a/avg_last").state == "stale"
+    fixed = text.replace('"rloss": dict(snapshots="all",', '"rloss": dict(pgd_step_rule="fixed", snapshots="all",')
+    _, units = G.plan(G.load_grid(_grid(tmp_path, fixed, "g2.py")), str(root), None)
+    rloss = next(u for u in units if u.kind == "rloss")
+    assert rloss.command[rloss.command.index("--pgd-step-rule") + 1] == "fixed"
+    with pytest.raises(G.GridError, match="pgd_step_rule 'scald'"):
+        G.plan(G.load_grid(_grid(tmp_path, fixed.replace('"fixed"', '"scald"'), "g3.py")), str(root), None)

@@ -90,7 +90,7 @@ def test_pgd_tau_is_selected_by_the_config_and_checked():
 
 def test_larger_eps_scales_the_step_and_leaves_the_evaluation_radius_alone():
     from experiments.configs import larger_eps
-    from robust_flat.evaluation import PAPER_EPS
+    from robust_flat.attacks.pgd import PAPER_EPS
 
     c = larger_eps.get_config("tiny")
     attack = pgd_at.attack_config(c)

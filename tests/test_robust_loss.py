@@ -43,6 +43,8 @@ def test_values_file_and_skip_when_done(tmp_path, monkeypatch):
     more = _run(tmp_path, "--restarts", "4", "--name", "custom")
     assert (tmp_path / "evaluations" / "custom.json").exists() and more["attack"]["restarts"] == 4
     assert more["robust_loss"] >= out["robust_loss"] - 1e-6  # more restarts: worst case over a superset
+    fixed = _run(tmp_path, "--pgd-step-rule", "fixed", "--name", "fixed")  # the released code's step at any eps
+    assert fixed["attack"]["step_size"] == 0.007 and fixed["robust_loss"] != out["robust_loss"]
 
 
 @pytest.mark.parametrize("extra,msg", [(["--snapshot", "latest"], "--snapshot must be"), (["--eps", "0"], "eps"),

@@ -25,6 +25,22 @@ from robust_flat.attacks.common import (check_threat_model, get_loss, init_delta
                                         project)
 
 
+PAPER_EPS = 8 / 255  # the paper's radius; its PGD step 0.007 belongs to it
+PAPER_STEP = 0.007
+STEP_RULES = ("scaled", "fixed")
+
+
+def step_size_for(eps: float, rule: str = "scaled", step_size: float = PAPER_STEP) -> float:
+    """The PGD step at radius ``eps``: the one rule of training (``attack.step_rule``) and every measurement
+    (``--pgd-step-rule`` of the entry points). ``scaled`` reads ``step_size`` as the step at eps = 8/255 and returns
+    ``step_size x eps / (8/255)``, so PGD-k covers the same share of the ball at every radius (0.0035 at 4/255);
+    ``fixed`` returns ``step_size`` whatever eps, as the released code does (docs/paper-vs-code.md#larger-eps). At
+    8/255 both give the paper's 0.007."""
+    if rule not in STEP_RULES:
+        raise ValueError(f"unknown PGD step rule {rule!r}; choose one of {', '.join(STEP_RULES)}")
+    return step_size * eps / PAPER_EPS if rule == "scaled" else step_size
+
+
 @dataclasses.dataclass(frozen=True)
 class PGDConfig:
     """Defaults are the paper's training attack: L-inf eps 8/255, 7 signed steps of 0.007, random start.

@@ -31,7 +31,6 @@ SCHEDULES = ("multistep", "constant", "cyclic")                    # training/op
 MODEL_NORMS = ("rebn", "bn", "none")                               # models/layers.py make_norm
 ATTACK_NORMS = ("linf", "l2")                                      # attacks/pgd.py PGDConfig
 ATTACK_INITS = ("uniform_norm", "uniform", "small_normal", "zero")  # attacks/common.py init_delta
-STEP_RULES = ("fixed", "scaled")  # training/pgd_at.py attack_config
 BEST_ITERATES = ("batch", "last", "example")                       # attacks/pgd.py PGDConfig (TRADES)
 PIXEL_SCALES = (255.0, 1.0)                                        # data.py validate
 # the methods whose training loss is the cross-entropy, where train.label_smoothing applies (training/update.py)
@@ -64,6 +63,7 @@ def _is_real(v) -> bool:
 
 def _choices() -> dict:
     """The enumerated fields and their allowed values, from the library's own tables."""
+    from robust_flat.attacks.pgd import STEP_RULES
     from robust_flat.data import NUM_CLASSES
     from robust_flat.models import MODELS
     from robust_flat.models.layers import ACTIVATIONS, COMPUTE_DTYPES

@@ -12,7 +12,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from robust_flat.attacks.pgd import PGDConfig, pgd
+from robust_flat.attacks.pgd import PGDConfig, pgd, step_size_for
 from robust_flat.training.update import prepare_images, step_options, supervised_update
 
 
@@ -31,7 +31,7 @@ def attack_config(config, steps: Optional[int] = None, restarts: Optional[int] =
     PGD-tau), eps, step size, norm and init as in training."""
     a = config.attack
     evaluation = steps is not None or restarts is not None
-    step = a.step_size * (a.eps / (8 / 255) if a.get("step_rule", "fixed") == "scaled" else 1.0)
+    step = step_size_for(a.eps, a.get("step_rule", "fixed"), a.step_size)
     return PGDConfig(eps=a.eps, step_size=step, steps=a.steps if steps is None else int(steps), norm=a.norm,
                      init=a.init, restarts=a.restarts if restarts is None else int(restarts), unroll=a.unroll,
                      tau=None if evaluation or a.tau < 0 else int(a.tau))
