@@ -421,7 +421,7 @@ def reuse_same_model(unit: Unit, by_name: dict) -> Optional[str]:
                 if epoch is not None and best.same_as.get(epoch) == unit.name:
                     other, snapshot = best, unit.command[unit.command.index("--snapshot") + 1]
                 break
-    if other is None or not all(os.path.exists(p) for p in other.outputs):
+    if other is None or unit_state(other) != "done":  # not measured yet, or stale (made with other settings)
         return None
     from robust_flat.io import atomic_write_json
 
@@ -554,6 +554,8 @@ def _run_child(command: Sequence[str], out) -> int:
     proc = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     _LIVE.add(proc)
+    if _STOPPING.is_set():  # the grid stopped while this unit started: stop_children may not have seen it
+        proc.terminate()
     try:
         return proc.wait()
     finally:
@@ -856,17 +858,28 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-if __name__ == "__main__":
+def cli(argv: Optional[list[str]] = None) -> None:
+    """``python -m experiments.grid``; exits with 0, 1 (a unit failed), 2 (a grid that cannot run) or 130 (stopped by
+    Ctrl-C or SIGTERM, e.g. SLURM preemption). A stop is prompt even while a measurement runs inside this process: its
+    thread cannot be interrupted, so the process ends without waiting for it (its finished pieces are on disk and it
+    resumes), after the unit processes were stopped cleanly."""
     import signal
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # SLURM preemption, kill: stop the unit in flight cleanly
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        sys.exit(main())
+        code = main(argv)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
+        _STOPPING.set()
         stop_children()
         print("\ninterrupted: finished units are kept (and the unit in flight resumes); run the same command again "
-              "to go on", file=sys.stderr)
-        sys.exit(130)
+              "to go on", file=sys.__stderr__, flush=True)  # (an in-process unit redirects sys.stderr to its log)
+        sys.__stdout__.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    cli()

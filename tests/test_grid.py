@@ -435,3 +435,72 @@ def test_flatness_commands_name_their_pgd_step_rule_so_results_of_the_old_fixed_
     assert rloss.command[rloss.command.index("--pgd-step-rule") + 1] == "fixed"
     with pytest.raises(G.GridError, match="pgd_step_rule 'scald'"):
         G.plan(G.load_grid(_grid(tmp_path, fixed.replace('"fixed"', '"scald"'), "g3.py")), str(root), None)
+
+
+def test_a_stop_is_prompt_while_a_measurement_runs_inside_the_grid_process(tmp_path):
+    """SIGTERM (or Ctrl-C) ends ``python -m experiments.grid`` at once with status 130 even when a measurement runs
+    in-process in a worker thread (which cannot be interrupted), and stops the unit processes cleanly."""
+    import signal
+    import time
+
+    (tmp_path / "sleeper_unit.py").write_text(textwrap.dedent(f"""
+        import time
+        def main(argv):
+            open({str(tmp_path / "inproc.started")!r}, "w").write("1")
+            time.sleep(120)
+            open({str(tmp_path / "inproc.finished")!r}, "w").write("1")
+    """))
+    flag = str(tmp_path / "child_sigterm")
+    child = textwrap.dedent(f"""
+        import signal, sys, time
+        def bye(*a):
+            open({flag!r}, "w").write("saved")
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, bye)
+        open({flag!r} + ".started", "w").write("1")
+        time.sleep(120)
+    """)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from experiments import grid as G
+        inproc = G.Unit("r/m", "r", "rloss", [sys.executable, "-m", "sleeper_unit"], [{str(tmp_path / "m")!r}], [],
+                        {str(tmp_path / "logs" / "m.log")!r}, 1.0, None)
+        proc = G.Unit("r/p", "r", "rloss", [sys.executable, "-c", {child!r}], [{str(tmp_path / "p")!r}], [],
+                      {str(tmp_path / "logs" / "p.log")!r}, 1.0, None)
+        G.main = lambda argv=None: 1 if G.run_local([inproc, proc], workers=2, log=print) else 0
+        G.cli([])
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 120  # a loaded machine starts Python processes slowly
+    while not (os.path.exists(tmp_path / "inproc.started") and os.path.exists(flag + ".started")):
+        assert time.time() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.1)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and time.time() - t0 < 30, (out, err)
+    assert "interrupted: finished units are kept" in err and "Traceback" not in err
+    assert open(flag).read() == "saved"  # the unit process got SIGTERM and saved
+    assert not os.path.exists(tmp_path / "inproc.finished")  # nobody waited for the in-process unit
+
+
+def test_the_early_stopped_model_does_not_copy_a_stale_result(tmp_path):
+    """A snapshot's result made with other settings (stale, to be recomputed) is not copied to the early-stopped
+    model of the same epoch; once recomputed, it is."""
+    text = GOOD.replace('"avg": dict(snapshots="last",', '"avg": dict(snapshots="2,4,best",')
+    root = tmp_path / "root"
+    _, units = G.plan(G.load_grid(_grid(tmp_path, text)), str(root), None)
+    by = {u.name: u for u in units}
+    (root / "a").mkdir(parents=True)
+    with open(root / "a" / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"epoch": 2, "es_robust_error": 0.5}) + "\n")
+    ep2 = by["a/avg_ep2"]
+    os.makedirs(os.path.dirname(ep2.outputs[0]))
+    with open(ep2.outputs[0], "w") as f:
+        json.dump({"flatness": 0.7, "epoch": 2, "snapshot": "2"}, f)
+    G.record_settings([*ep2.command[:-1], "other"], ep2.log)
+    assert G.unit_state(ep2) == "stale" and G.reuse_same_model(by["a/avg_best"], by) is None
+    G.record_settings(ep2.command, ep2.log)  # recomputed
+    assert G.reuse_same_model(by["a/avg_best"], by) == "a/avg_ep2"
