@@ -122,6 +122,7 @@ def _flatness_column(d: dict, path: str) -> tuple[str, dict]:
     ref = cfg.get("reference_attack") or {}
     setting.update(xi=xi, granularity=nb.get("granularity"), nu_per=cfg.get("nu_per"),
                    reference_pgd=f"{ref.get('steps')}x{ref.get('restarts')}" if ref else None,
+                   eps=ref.get("eps"), step_size=ref.get("step_size"),  # of every input attack of the measure
                    n_examples=d.get("n_examples"), subset=d.get("subset"))
     prefix = "clean_" if d.get("loss") == "clean" else ""
     return f"{prefix}{measure}_xi{xi:g}", setting

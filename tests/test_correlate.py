@@ -92,7 +92,8 @@ def make_run(root, label: str, *, method: str = "pgd_at", epochs: int = 10, mile
                        "subset": "test_first1000",
                        "config": {"neighbourhood": {"xi": 0.5, "granularity": "layer"}, "samples": 10,
                                   "distribution": "ball", "attack": {"steps": 20},
-                                  "reference_attack": {"steps": 20, "restarts": 10}, "nu_per": "batch"}}, f)
+                                  "reference_attack": {"steps": 20, "restarts": 10, "eps": 0.0313725,
+                                                       "step_size": 0.007}, "nu_per": "batch"}}, f)
     for e, v in (worst or {}).items():
         with open(os.path.join(d, "flatness", f"worst_xi0.003_ep{e}.json"), "w") as f:
             json.dump({"measure": "worst", "loss": "robust", "flatness": v, "reference": 1.0, "perturbed_std": 0.1,

@@ -44,7 +44,8 @@ def test_report_has_every_verdict_rule_and_figure(tmp_path):
     # settings: scale, schedule, attack, flatness settings, nu_per variant, library versions, main table
     for needle in ("small_cnn/16/rebn", "10000 train", "multistep at 4, 6, 8", "PGD-7, eps 8/255", "beta 6.0",
                    "xi 0.5", "nu_per dataset", "restarts 10", "scipy ", "jax ", "flax ", "optax ", "numpy ",
-                   "| r0 | pgd_at | AT | 10 / 4 |", "\"scale\": \"tiny\""):
+                   "| r0 | pgd_at | AT | 10 / 4 |", "\"scale\": \"tiny\"",
+                   "reference_pgd 20x10, eps 0.0313725, step_size 0.007, n_examples 1000"):  # the input attacks
         assert needle in text, needle
     # no path outside the repository
     assert str(tmp_path) not in text and "/tmp" not in text
