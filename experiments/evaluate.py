@@ -30,7 +30,8 @@ import os
 import time
 from typing import Callable, Optional
 
-from experiments.cli import OneLineParser, add_step_rule, at_least, checked, eval_examples, load_snapshot, run_measure_cli
+from experiments.cli import (OneLineParser, add_step_rule, at_least, checked, eval_examples, load_snapshot,
+                             run_measure_cli)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -104,7 +105,8 @@ def main(argv: Optional[list[str]] = None, *, load_run: Optional[Callable] = Non
     def make_components(n_classes=None):
         return ev.make_components(args.attack, eps, args.norm, args.version,
                                   args.attacks.split(",") if args.attacks else None, n_iter=args.n_iter,
-                                  pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, pgd_step_rule=args.pgd_step_rule,
+                                  pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts,
+                                  pgd_step_rule=args.pgd_step_rule,
                                   n_target_classes=args.n_target_classes, n_classes=n_classes)
 
     try:

@@ -39,7 +39,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from experiments import hessian, landscape
-from experiments.cli import OneLineParser, add_step_rule, at_least, checked, eval_examples, load_snapshot, run_measure_cli
+from experiments.cli import (OneLineParser, add_step_rule, at_least, checked, eval_examples, load_snapshot,
+                             run_measure_cli)
 from robust_flat.io import atomic_save_npz, atomic_write_json
 from robust_flat.partial import PartialResults, finished_result, fingerprint
 from robust_flat.runs import WEIGHTS, check_snapshot

@@ -79,7 +79,8 @@ def config(args):
         normalization=args.normalization, random_scale=args.random_scale, adversarial_scale=args.adversarial_scale,
         hessian_scale=args.hessian_scale, pgd=PGDConfig(eps=args.eps, steps=args.pgd_steps, step_size=step),
         direction_pgd=PGDConfig(eps=args.eps, steps=args.direction_pgd_steps, step_size=step),
-        adversarial_xi=args.adversarial_xi, adversarial_lr=args.adversarial_lr, adversarial_steps=args.adversarial_steps,
+        adversarial_xi=args.adversarial_xi, adversarial_lr=args.adversarial_lr,
+        adversarial_steps=args.adversarial_steps,
         hessian_iters=LANCZOS_ITERS if args.lanczos_iters is None else args.lanczos_iters)
 
 

@@ -2,13 +2,14 @@
 ``python -m experiments.robust_loss --run-dir RUN --snapshot N|best|last``.
 
     python -m experiments.robust_loss --run-dir RUN [--snapshot last] [--subset test_first1000] [--n-examples 1000]
-        [--pgd-steps 20] [--restarts 10] [--eps 8/255] [--pgd-step-rule scaled] [--batch-size 256] [--seed 0] [--data-dir D]
-        [--weights params|ema]
+        [--pgd-steps 20] [--restarts 10] [--eps 8/255] [--pgd-step-rule scaled] [--batch-size 256] [--seed 0]
+        [--data-dir D] [--weights params|ema]
 
 RLoss is the cross-entropy at the PGD adversarial example (with restarts, the worst restart per example); RErr counts
 an example as wrong when the clean or the adversarial input is misclassified. The paper uses PGD-20 with 10 restarts
-(step 0.007 at eps 8/255, scaled with eps: ``--pgd-step-rule``) on the first 1000 test images (``test_first1000``) and the first 1000
-training images (``train_first1000``, for the robust generalization gap). Batch norm runs in eval mode.
+(step 0.007 at eps 8/255, scaled with eps: ``--pgd-step-rule``) on the first 1000 test images (``test_first1000``)
+and the first 1000 training images (``train_first1000``, for the robust generalization gap). Batch norm runs in eval
+mode.
 
 Output: ``RUN/evaluations/rloss_pgd{steps}x{restarts}_{subset}_n{N}_{snapshot}.json`` (or ``--name``) with
 ``clean_loss``, ``clean_error``, ``robust_loss``, ``robust_error``, the attack and the snapshot's epoch. A finished
@@ -22,7 +23,8 @@ import os
 import time
 from typing import Callable, Optional
 
-from experiments.cli import OneLineParser, add_step_rule, at_least, checked, eval_examples, load_snapshot, run_measure_cli
+from experiments.cli import (OneLineParser, add_step_rule, at_least, checked, eval_examples, load_snapshot,
+                             run_measure_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

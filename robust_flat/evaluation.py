@@ -58,8 +58,8 @@ def make_components(attack: str, eps: float, norm: str = "linf", version: str = 
                     n_target_classes: Optional[int] = None, n_classes: Optional[int] = None) -> list[Component]:
     """The cascade for ``attack``: ``"autoattack"`` (``version``/``attacks`` as in :class:`AutoAttackConfig`), one
     AutoAttack component by name (standard settings), or ``"pgd"`` (the paper's evaluation PGD: ``pgd_steps``
-    signed steps of 0.007 at eps 8/255, following eps by ``pgd_step_rule`` (:func:`robust_flat.attacks.pgd.step_size_for`),
-    ``pgd_restarts`` restarts, worst case per example).
+    signed steps of 0.007 at eps 8/255, following eps by ``pgd_step_rule``
+    (:func:`robust_flat.attacks.pgd.step_size_for`), ``pgd_restarts`` restarts, worst case per example).
 
     ``n_classes``: the model's class count; it sets APGD-T/FAB-T's target classes (``n_target_classes``, default
     ``min(9, n_classes - 1)``) and every attack is checked against it (``ValueError`` for more targets than
