@@ -42,8 +42,8 @@ from robust_flat import xla
 from robust_flat.attacks.common import check_inputs, get_loss, init_delta, normalize_gradient
 from robust_flat.attacks.common import project as project_input
 from robust_flat.attacks.pgd import PGDConfig
-from robust_flat.weights import neighbourhood as nbh
-from robust_flat.weights import random as wrandom
+import robust_flat.weights.neighbourhood as nbh
+import robust_flat.weights.random as wrandom
 from robust_flat.weights.selection import check_selects_something
 
 WEIGHT_INITS = ("uniform_norm", "ball", "sphere", "zero")
