@@ -47,9 +47,9 @@ RULES = {
            f"last epoch exceeds its minimum by more than {H1_TOLERANCE} and train RLoss at the last epoch is below "
            f"its value at m; *partly* when test RLoss rises but train RLoss does not fall; *does not show* when the "
            f"rise is at most {H1_TOLERANCE}. Series: the robust_loss results where they cover at least 3 epochs "
-           f"from the decay on, else the training log. Verdict: *shows* if every measured run shows, *does not "
-           f"show* if none shows or partly shows, else *partly*; *not measured* without a run with 2 epochs after "
-           f"the decay."),
+           f"from the decay on, else the training log (shown beside them where they are used, not counted). "
+           f"Verdict: *shows* if every measured run shows, *does not show* if none shows or partly shows, else "
+           f"*partly*; *not measured* without a run with 2 epochs after the decay."),
     "H2": ("Per adversarially trained run whose early-stopped (ES) epoch comes before its last epoch (the ES "
            "criterion saw robust error rise), and per flatness measure (average- and worst-case): flatness at the "
            "last epoch vs at the ES epoch (without ES information: the snapshot of minimal test RLoss). *shows* if "
@@ -102,13 +102,14 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ H1
-def overfitting_series(run: Run) -> tuple[str, list[int], list[float], list[float]]:
+def overfitting_series(run: Run, source: Optional[str] = None) -> tuple[str, list[int], list[float], list[float]]:
     """``(source, epochs, test RLoss, train RLoss)`` from the first learning-rate decay on (the whole run without a
-    decay): the robust_loss results if they cover at least 3 such epochs, else the training log."""
+    decay): the robust_loss results if they cover at least 3 such epochs, else the training log (``source``:
+    ``correlate.LOG`` for the training log whatever the results cover)."""
     start = run.first_decay_epoch or 0
     epochs = [e for e in run.rows if e >= start and run.value(e, "test_rloss") is not None
               and run.value(e, "train_rloss") is not None]
-    if len(epochs) >= 3:
+    if len(epochs) >= 3 and source != correlate.LOG:
         return ("robust_loss", epochs, [run.value(e, "test_rloss") for e in epochs],
                 [run.value(e, "train_rloss") for e in epochs])
     epochs = [e for e, r in run.log.items() if e >= start and correlate._number(r.get("test_robust_loss")) is not None
@@ -117,18 +118,24 @@ def overfitting_series(run: Run) -> tuple[str, list[int], list[float], list[floa
             [float(run.log[e]["train_robust_loss"]) for e in epochs])
 
 
-def h1_run(run: Run) -> dict:
-    """The H1 numbers and verdict of one run."""
-    source, epochs, test, train = overfitting_series(run)
-    out: dict[str, Any] = {"label": run.label, "source": source, "decay": run.first_decay_epoch}
+def _overfits(epochs: list[int], test: list[float], train: list[float]) -> dict:
     if len(epochs) < 2:
-        out.update(verdict="not measured", note=f"{len(epochs)} epoch(s) from the first decay on")
-        return out
+        return {"verdict": "not measured", "note": f"{len(epochs)} epoch(s) from the first decay on"}
     m = stats.first_argmin(test)
     rise, fall = test[-1] - test[m], train[m] - train[-1]
-    out.update(min_epoch=epochs[m], min=test[m], last_epoch=epochs[-1], last=test[-1], rise=rise,
-               train_at_min=train[m], train_last=train[-1])
-    out["verdict"] = ("does not show" if rise <= H1_TOLERANCE else ("shows" if fall > 0 else "partly"))
+    return {"min_epoch": epochs[m], "min": test[m], "last_epoch": epochs[-1], "last": test[-1], "rise": rise,
+            "train_at_min": train[m], "train_last": train[-1],
+            "verdict": "does not show" if rise <= H1_TOLERANCE else ("shows" if fall > 0 else "partly")}
+
+
+def h1_run(run: Run) -> dict:
+    """The H1 numbers and verdict of one run; where they come from the robust_loss results, ``log`` holds the same
+    from the per-epoch training log (denser in epochs, fewer images and the training attack)."""
+    source, epochs, test, train = overfitting_series(run)
+    out: dict[str, Any] = {"label": run.label, "source": source, "decay": run.first_decay_epoch,
+                           **_overfits(epochs, test, train)}
+    if source != correlate.LOG:
+        out["log"] = _overfits(*overfitting_series(run, correlate.LOG)[1:])
     return out
 
 
@@ -140,14 +147,26 @@ def h1(analysis: Analysis) -> Verdict:
     some = sum(r["verdict"] in ("shows", "partly") for r in measured)
     verdict = ("not measured" if not measured else "shows" if shows == len(measured)
                else "does not show" if some == 0 else "partly")
-    rows = [[r["label"], fmt(r["decay"]), r["source"], fmt(r.get("min_epoch")), fmt(r.get("min")),
-             fmt(r.get("last_epoch")), fmt(r.get("last")), fmt(r.get("rise")), fmt(r.get("train_at_min")),
-             fmt(r.get("train_last")), r["verdict"] + (f" ({r['note']})" if r.get("note") else "")] for r in res]
-    details = _table(["run", "first decay", "source", "min epoch", "min test RLoss", "last epoch", "last test RLoss",
-                      "rise", "train RLoss at min", "train RLoss last", "run verdict"], rows)
+    def row(label, decay, source, r):
+        return [label, fmt(decay), source, fmt(r.get("min_epoch")), fmt(r.get("min")), fmt(r.get("last_epoch")),
+                fmt(r.get("last")), fmt(r.get("rise")), fmt(r.get("train_at_min")), fmt(r.get("train_last")),
+                r["verdict"] + (f" ({r['note']})" if r.get("note") else "")]
+
+    head = ["run", "first decay", "source", "min epoch", "min test RLoss", "last epoch", "last test RLoss", "rise",
+            "train RLoss at min", "train RLoss last", "run verdict"]
+    details = _table(head, [row(r["label"], r["decay"], r["source"], r) for r in res])
     summary = f"{shows} of {len(measured)} measured adversarially trained runs show robust overfitting"
     if len(measured) < len(runs):
         summary += f" ({len(runs) - len(measured)} not measured)"
+    logs = [r for r in res if "log" in r and r["log"]["verdict"] != "not measured"]
+    if logs:  # the same rule on the training log, for the runs whose verdict used the robust_loss results
+        details += ["", f"The same rule on the training log's per-epoch curves ({correlate.LOG}: every epoch, on the "
+                    "trainer's evaluation images with its attack; not part of the verdict), for the runs above whose "
+                    "series are the robust_loss results: "
+                    f"{sum(r['log']['verdict'] == 'shows' for r in logs)} of {len(logs)} show robust overfitting.",
+                    ""] + _table(head, [row(r["label"], r["decay"], correlate.LOG, r["log"]) for r in logs])
+        summary += (f" ({sum(r['log']['verdict'] == 'shows' for r in logs)} of {len(logs)} in the per-epoch "
+                    "training log)")
     return Verdict("H1", verdict, summary, details)
 
 

@@ -87,6 +87,9 @@ def test_h1_prefers_robust_loss_results_and_skips_clean_runs(tmp_path):
     res = report.h1(analysis)
     assert res.verdict == "does not show" and "| at | 4 | robust_loss | 10 |" in "\n".join(res.details)
     assert "clean" not in "\n".join(res.details)
+    # the training log's denser curve is shown beside it, not counted in the verdict
+    assert "| at | 4 | metrics.jsonl | 4 | 1.500 | 10 | 2.500 | 1.000 |" in "\n".join(res.details)
+    assert res.summary.endswith("(1 of 1 in the per-epoch training log)")
 
 
 def test_weak_or_reversed_relations_are_reported_as_findings(tmp_path):
