@@ -159,17 +159,21 @@ def curves(analysis: "Analysis", path: str) -> bool:
     for ax, run in zip(axes.ravel(), runs):
         colour = analysis.colours[run.group]
         epochs = list(run.log)
+        points: list[tuple[float, float]] = []  # every (epoch, robust loss) drawn, for the axis range
         for key, ls, name in (("test_robust_loss", "-", "test RLoss (log)"),
                               ("train_robust_loss", "--", "train RLoss (log)")):
             ys = [run.log[e].get(key) for e in epochs]
             if any(isinstance(v, (int, float)) for v in ys):
                 ax.plot(epochs, [v if isinstance(v, (int, float)) else float("nan") for v in ys], ls, color=colour,
                         lw=1.5, label=name)
+                points += [(e, v) for e, v in zip(epochs, ys) if isinstance(v, (int, float)) and math.isfinite(v)]
         for key, mfc, name in (("test_rloss", colour, f"test RLoss ({_attack(run, 'test_rloss')})"),
                                ("train_rloss", "none", f"train RLoss ({_attack(run, 'train_rloss')})")):
             e, v = _series(run, key)
             if e:
                 ax.plot(e, v, "s", ms=5, mec=colour, mfc=mfc, label=name)
+                points += [(a, b) for a, b in zip(e, v) if math.isfinite(b)]
+        _loss_range(ax, points)
         if run.first_decay_epoch:
             ax.axvline(run.first_decay_epoch, color="0.5", ls=":", lw=1, label="first LR decay")
         if run.es_epoch is not None:
@@ -197,6 +201,23 @@ def curves(analysis: "Analysis", path: str) -> bool:
                bbox_to_anchor=(0.5, 1.0))
     _save(plt, fig, path, rect=(0, 0, 1, 1 - 0.5 / (3.6 * rows)))
     return True
+
+
+def _loss_range(ax, points: list[tuple[float, float]]) -> None:
+    """The robust-loss axis spans the values from the first tenth of the epochs on (at least from epoch 3): the loss
+    of the first epochs, several times larger, would flatten the curves where overfitting shows; what it leaves
+    above the axis is said in a note."""
+    if not points:
+        return
+    start = max(3.0, 0.1 * max(e for e, _ in points))
+    later = [v for e, v in points if e >= start]
+    if not later or max(v for _, v in points) <= max(later):
+        return
+    lo, hi = min(later), max(later)
+    pad = 0.1 * (hi - lo) or 0.1
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.text(0.01, 0.98, f"epochs < {start:g} above the axis", transform=ax.transAxes, fontsize=7, va="top",
+            color="0.4")
 
 
 def _generic(label: str) -> str:

@@ -378,3 +378,29 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, run_module):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr
     assert {"missing": "does not exist", "not_a_run": "neither a run directory", "bad_json": "unreadable",
             "no_results": "no results", "bad_metrics": "line 11 is not JSON"}[case] in lines[0]
+
+
+def test_curves_loss_axis_leaves_the_first_epochs_above_it():
+    """The robust-loss axis of the curves spans the values from epoch max(3, last / 10) on, so the first epochs'
+    large losses do not flatten the part where overfitting shows; without such outliers it is matplotlib's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments import figures
+
+    fig, ax = plt.subplots()
+    pts = [(1, 10.0), (2, 8.0), (3, 2.0), (10, 2.5), (40, 2.2)]
+    ax.plot(*zip(*pts))
+    figures._loss_range(ax, pts)
+    lo, hi = ax.get_ylim()
+    assert 2.1 < lo < 2.2 and 2.5 < hi < 2.6  # epochs 10 and 40 (start max(3, 40 / 10) = 4), 10% padding
+    assert any("epochs < 4 above the axis" in t.get_text() for t in ax.texts)
+    fig2, ax2 = plt.subplots()
+    calm = [(1, 2.0), (2, 2.1), (40, 2.2)]
+    ax2.plot(*zip(*calm))
+    before = ax2.get_ylim()
+    figures._loss_range(ax2, calm)
+    assert ax2.get_ylim() == before and not ax2.texts
+    plt.close("all")
