@@ -213,21 +213,27 @@ def test_grid_record_for_the_report(tmp_path):
     assert rec["measures"]["avg"]["samples"] == 2
 
 
-def test_stopping_the_grid_stops_the_unit_in_flight(tmp_path):
-    """A stopped grid (Ctrl-C, SIGTERM) sends SIGTERM to the running unit and waits for it (the trainer then saves and
-    exits); no unit is left running on its own, and no further unit starts."""
-    import threading
-
-    flag = str(tmp_path / "got_sigterm")
-    code = textwrap.dedent(f"""
+def _saves_on_sigterm(flag: str, seconds: int) -> str:
+    """A stand-in unit that marks ``flag.started``, then sleeps; on SIGTERM it writes "saved" to ``flag`` (as the
+    trainer saves a checkpoint) and exits 143."""
+    return textwrap.dedent(f"""
         import signal, sys, time
         def bye(*a):
             open({flag!r}, "w").write("saved")
             sys.exit(143)
         signal.signal(signal.SIGTERM, bye)
         open({flag!r} + ".started", "w").write("1")
-        time.sleep(60)
+        time.sleep({seconds})
     """)
+
+
+def test_stopping_the_grid_stops_the_unit_in_flight(tmp_path):
+    """A stopped grid (Ctrl-C, SIGTERM) sends SIGTERM to the running unit and waits for it (the trainer then saves and
+    exits); no unit is left running on its own, and no further unit starts."""
+    import threading
+
+    flag = str(tmp_path / "got_sigterm")
+    code = _saves_on_sigterm(flag, 60)
     units = [_unit(tmp_path, "r/train", "train", code), _unit(tmp_path, "r/m", "rloss", _writer(str(tmp_path / "m")),
                                                                "r/train", str(tmp_path / "m"))]
     t = threading.Thread(target=G.run_local, args=(units,), kwargs={"workers": 2, "log": lambda m: None})
@@ -327,18 +333,27 @@ def test_a_run_measured_with_its_averaged_weights(tmp_path):
         assert parsers[u.command[2]].parse_args(u.command[3:]).weights == (want[1] if want else "params")
 
 
-def test_early_stopped_model_reuses_the_result_of_its_snapshot(tmp_path):
-    text = GOOD.replace('"avg": dict(snapshots="last",', '"avg": dict(snapshots="2,4,best",')
+ES_GRID = GOOD.replace('"avg": dict(snapshots="last",', '"avg": dict(snapshots="2,4,best",')
+
+
+def _es_plan(tmp_path, log: dict):
+    """ES_GRID (avg at epochs 2, 4 and the early-stopped model) planned in ``tmp_path/root``, with run a's training
+    log ``{epoch: es_robust_error or None}``; returns the root and the units by name."""
     root = tmp_path / "root"
-    _, units = G.plan(G.load_grid(_grid(tmp_path, text)), str(root), None)
-    by = {u.name: u for u in units}
+    _, units = G.plan(G.load_grid(_grid(tmp_path, ES_GRID)), str(root), None)
+    (root / "a").mkdir(parents=True)
+    with open(root / "a" / "metrics.jsonl", "w") as f:
+        for e, err in log.items():
+            f.write(json.dumps({"epoch": e, **({"es_robust_error": err} if err is not None else {})}) + "\n")
+    return root, {u.name: u for u in units}
+
+
+def test_early_stopped_model_reuses_the_result_of_its_snapshot(tmp_path):
+    # ES: the first epoch with the lowest es_robust_error
+    root, by = _es_plan(tmp_path, {1: None, 2: 0.5, 3: None, 4: 0.5})
     best = by["a/avg_best"]
     assert best.same_as == {2: "a/avg_ep2", 4: "a/avg_ep4"}
     assert by["a/autoattack_best"].same_as == {4: "a/autoattack_last"}
-    (root / "a").mkdir(parents=True)
-    with open(root / "a" / "metrics.jsonl", "w") as f:  # ES: the first epoch with the lowest es_robust_error
-        for e, err in ((1, None), (2, 0.5), (3, None), (4, 0.5)):
-            f.write(json.dumps({"epoch": e, **({"es_robust_error": err} if err is not None else {})}) + "\n")
     assert G.es_epoch(str(root / "a")) == 2
     assert G.reuse_same_model(best, by) is None  # epoch 2 not measured yet: compute
     os.makedirs(os.path.dirname(by["a/avg_ep2"].outputs[0]))
@@ -372,8 +387,7 @@ def test_a_result_made_with_other_settings_is_stale_and_recomputed_fresh(tmp_pat
 
 
 def test_snapshot_order_trains_every_run_then_measures_final_then_best_then_the_other_epochs(tmp_path):
-    text = GOOD.replace('"avg": dict(snapshots="last",', '"avg": dict(snapshots="2,4,best",')
-    _, units = G.plan(G.load_grid(_grid(tmp_path, text)), str(tmp_path / "root"), None)
+    _, units = G.plan(G.load_grid(_grid(tmp_path, ES_GRID)), str(tmp_path / "root"), None)
     names = [u.name for u in G.snapshot_ahead(units)]
     assert names[:2] == ["a/train", "b/train"] and sorted(names) == sorted(u.name for u in units)
     stage = {n: i for i, n in enumerate(names)}
@@ -390,14 +404,7 @@ def test_snapshot_order_trains_every_run_then_measures_final_then_best_then_the_
 
 def test_a_snapshot_that_is_the_early_stopped_model_reuses_the_result_of_best(tmp_path):
     """--order snapshot measures the early-stopped model first: the snapshot of the same epoch copies its result."""
-    text = GOOD.replace('"avg": dict(snapshots="last",', '"avg": dict(snapshots="2,4,best",')
-    root = tmp_path / "root"
-    _, units = G.plan(G.load_grid(_grid(tmp_path, text)), str(root), None)
-    by = {u.name: u for u in units}
-    (root / "a").mkdir(parents=True)
-    with open(root / "a" / "metrics.jsonl", "w") as f:
-        for e, err in ((2, 0.4), (4, 0.5)):
-            f.write(json.dumps({"epoch": e, "es_robust_error": err}) + "\n")
+    _, by = _es_plan(tmp_path, {2: 0.4, 4: 0.5})
     assert G.reuse_same_model(by["a/avg_ep2"], by) is None  # best not measured yet: compute
     os.makedirs(os.path.dirname(by["a/avg_best"].outputs[0]))
     with open(by["a/avg_best"].outputs[0], "w") as f:
@@ -451,15 +458,7 @@ def test_a_stop_is_prompt_while_a_measurement_runs_inside_the_grid_process(tmp_p
             open({str(tmp_path / "inproc.finished")!r}, "w").write("1")
     """))
     flag = str(tmp_path / "child_sigterm")
-    child = textwrap.dedent(f"""
-        import signal, sys, time
-        def bye(*a):
-            open({flag!r}, "w").write("saved")
-            sys.exit(143)
-        signal.signal(signal.SIGTERM, bye)
-        open({flag!r} + ".started", "w").write("1")
-        time.sleep(120)
-    """)
+    child = _saves_on_sigterm(flag, 120)
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
@@ -489,13 +488,7 @@ def test_a_stop_is_prompt_while_a_measurement_runs_inside_the_grid_process(tmp_p
 def test_the_early_stopped_model_does_not_copy_a_stale_result(tmp_path):
     """A snapshot's result made with other settings (stale, to be recomputed) is not copied to the early-stopped
     model of the same epoch; once recomputed, it is."""
-    text = GOOD.replace('"avg": dict(snapshots="last",', '"avg": dict(snapshots="2,4,best",')
-    root = tmp_path / "root"
-    _, units = G.plan(G.load_grid(_grid(tmp_path, text)), str(root), None)
-    by = {u.name: u for u in units}
-    (root / "a").mkdir(parents=True)
-    with open(root / "a" / "metrics.jsonl", "w") as f:
-        f.write(json.dumps({"epoch": 2, "es_robust_error": 0.5}) + "\n")
+    _, by = _es_plan(tmp_path, {2: 0.5})
     ep2 = by["a/avg_ep2"]
     os.makedirs(os.path.dirname(ep2.outputs[0]))
     with open(ep2.outputs[0], "w") as f:
