@@ -360,14 +360,24 @@ def synthetic(split: str, n_train: int = 2560, n_test: int = 1024, image_size: i
     return (x * 255).round().astype(np.uint8), y
 
 
+def synthetic_config(data_config) -> dict:
+    """:func:`load_split`'s ``synthetic_*`` arguments from a config's ``data`` block (a run written before an option
+    existed gets the value it ran with)."""
+    d = data_config
+    return {"synthetic_sizes": (int(d.get("synthetic_train", 2560)), int(d.get("synthetic_test", 1024))),
+            "synthetic_image_size": int(d.get("synthetic_image_size", 32))}
+
+
 # ------------------------------------------------------------------------------------------------- front end
 def load_split(dataset: str, split: str, data_dir: Optional[str] = None, pixel_scale: float = 255.0,
-               tfds_dir: Optional[str] = None, synthetic_sizes: Tuple[int, int] = (2560, 1024)) -> Arrays:
-    """``(x uint8 [N,H,W,3], y int32 [N])`` for ``split`` in {"train", "test"} (see module docstring)."""
+               tfds_dir: Optional[str] = None, synthetic_sizes: Tuple[int, int] = (2560, 1024),
+               synthetic_image_size: int = 32) -> Arrays:
+    """``(x uint8 [N,H,W,3], y int32 [N])`` for ``split`` in {"train", "test"} (see module docstring);
+    ``synthetic_sizes`` (training, test images) and ``synthetic_image_size`` (the side) shape the ``synthetic`` data."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if dataset == "synthetic":
-        return synthetic(split, *synthetic_sizes)
+        return synthetic(split, *synthetic_sizes, image_size=synthetic_image_size)
     if dataset not in TFDS_NAMES:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(NUM_CLASSES)}")
     if data_dir:
@@ -388,7 +398,7 @@ def load_eval_set(config_or_dataset, subset_name: str = "test_first1000", data_d
     """
     if subset_name not in SUBSETS:
         raise ValueError(f"unknown subset {subset_name!r}; choose one of {', '.join(SUBSETS)}")
-    pixel_scale, sizes = 255.0, (2560, 1024)
+    pixel_scale, synthetic_options = 255.0, {}
     if isinstance(config_or_dataset, str):
         dataset = config_or_dataset
     else:
@@ -396,9 +406,9 @@ def load_eval_set(config_or_dataset, subset_name: str = "test_first1000", data_d
         dataset = d.dataset
         data_dir = data_dir or d.get("data_dir") or None
         pixel_scale = d.get("pixel_scale", 255.0)
-        sizes = (d.get("synthetic_train", 2560), d.get("synthetic_test", 1024))
+        synthetic_options = synthetic_config(d)
     split, _ = SUBSETS[subset_name]
-    x, y = load_split(dataset, split, data_dir, pixel_scale, synthetic_sizes=sizes)
+    x, y = load_split(dataset, split, data_dir, pixel_scale, **synthetic_options)
     x, y = subset(x, y, subset_name)
     if n_examples is not None:
         if n_examples > len(x):

@@ -36,6 +36,8 @@ BAD = [  # (field, bad value, part of the problem line)
     ("eval__batch_size", 0, "eval.batch_size must be an integer >= 1"),
     ("eval__es_restarts", 0, "eval.es_restarts must be an integer >= 1"),
     ("data__train_examples", -5, "data.train_examples must be an integer >= 0"),
+    ("data__synthetic_image_size", 20, "data.synthetic_image_size must be a multiple of 8"),  # tiny: synthetic data
+    ("data__synthetic_image_size", 0, "data.synthetic_image_size must be a multiple of 8"),
     ("attack__eps", 0.0, "attack.eps must be a number > 0"),
     ("attack__eps", float("nan"), "attack.eps must be a number > 0"),
     ("attack__step_size", -0.01, "attack.step_size must be a number > 0"),

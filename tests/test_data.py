@@ -163,6 +163,12 @@ def test_synthetic_data_is_labelled_and_deterministic():
     b = D.synthetic("train", 100, 50)
     np.testing.assert_array_equal(a[0], b[0])
     assert a[0].shape == (100, 32, 32, 3) and set(np.unique(a[1])) <= set(range(10))
+    # a run's config chooses the counts and the side; a config written before the side was an option gets 32
+    data = {"synthetic_train": 30, "synthetic_test": 20, "synthetic_image_size": 16}
+    x, y = D.load_split("synthetic", "test", **D.synthetic_config(data))
+    assert x.shape == (20, 16, 16, 3) and y.shape == (20,)
+    old = D.synthetic_config({"synthetic_train": 30, "synthetic_test": 20})
+    assert old == {"synthetic_sizes": (30, 20), "synthetic_image_size": 32}
     with pytest.raises(ValueError, match="unknown dataset"):
         D.load_split("imagenet", "train")
 

@@ -99,8 +99,7 @@ def test_ema_config_bn_batches_is_checked_and_counted_in_the_evaluation_cost():
 def _config(decay=0.0):
     c = pgd_at_config.get_config("tiny")
     c.ema.enabled, c.ema.decay = True, decay
-    c.eval.n_examples, c.eval.batch_size = 32, 32
-    c.eval.es_steps, c.eval.es_restarts = 2, 2
+    c.eval.n_examples, c.eval.batch_size = 32, 32  # curves and early stopping: one program (PGD-2, batches of 32)
     c.checkpoint.every_steps, c.checkpoint.keep_latest = 3, 10  # rolling checkpoints mid-epoch, all kept
     return c
 
@@ -144,7 +143,7 @@ def test_checkpoints_hold_the_statistics_recalibrated_for_the_average(ema_run):
     params, model_state = weights(last, "ema")
     assert _leaves_equal(params, state.ema_params) and _leaves_equal(model_state, state.ema_model_state)
     # what they are: one pass of clean training batches (epoch 2's order), from fresh statistics
-    x, y = data_lib.load_split("synthetic", "train", None, 255.0, synthetic_sizes=(256, 128))
+    x, y = data_lib.load_split("synthetic", "train", None, 255.0, **data_lib.synthetic_config(config.data))
     bs = config.train.batch_size
     batches = [data_lib.train_batch(x, y, config.seed, len(x) // bs + i, bs) for i in range(len(x) // bs)]
     expected = recalibrate(models.make_apply_fn(last.model), state.ema_params, state.model_state, batches,

@@ -57,7 +57,7 @@ def _write(path, images, labels, **more):
 
 
 def _tiny_config(extra_path, fraction=0.5):
-    c = pgd_at_config.get_config("tiny")  # the synthetic set: 256 training images of 32 x 32, 10 classes
+    c = pgd_at_config.get_config("tiny")  # the synthetic set: 256 training images of 16 x 16, 10 classes
     c.train.epochs = 1
     c.eval.n_examples, c.eval.batch_size, c.eval.early_stopping = 32, 32, False
     c.data.extra_path, c.data.extra_fraction = extra_path, fraction
@@ -105,7 +105,8 @@ def test_training_with_extra_data_resumes_with_the_same_extra_examples(tmp_path,
     from robust_flat.training.trainer import train
 
     rng = np.random.default_rng(0)
-    path = _write(tmp_path / "extra.npz", rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8),
+    side = pgd_at_config.get_config("tiny").data.synthetic_image_size  # the extra images have the training images' shape
+    path = _write(tmp_path / "extra.npz", rng.integers(0, 256, (50, side, side, 3), dtype=np.uint8),
                   rng.integers(0, 10, 50))
     c = _tiny_config(path)
     real, seen = D.mixed_train_batch, {}

@@ -1,4 +1,5 @@
-"""End-to-end training on the ``tiny`` preset: resume after SIGKILL, signals, NaN, config checks, sharding."""
+"""End-to-end training on the ``tiny`` preset: resume after SIGKILL, signals, NaN, config checks (sharding over 2
+devices: tests/test_distributed.py)."""
 import json
 import os
 import signal
@@ -145,31 +146,6 @@ def test_corrupt_checkpoint_is_a_clear_error(reference_run, tmp_path):
         load_run(run_dir, "last")
 
 
-def test_two_devices_match_one_device(tmp_path):
-    """Data-parallel sharding over 2 forced host devices gives the 1-device result within float tolerance.
-
-    Clean training with a small learning rate: PGD's sign steps and large steps would amplify the last-bit
-    differences of the sharded reductions into a chaotic divergence."""
-    one_dir, two_dir = str(tmp_path / "one"), str(tmp_path / "two")
-    c = clean_config.get_config("tiny")
-    c.train.epochs = 1
-    c.optimizer.lr = 1e-3
-    train(c, one_dir, progress=False)
-    cmd = [sys.executable, "-m", "experiments.cifar10_at", "--config=experiments/configs/clean.py:tiny",
-           "--config.train.epochs=1", "--config.optimizer.lr=0.001", f"--run-dir={two_dir}", "--no-progress"]
-    env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "on 2 device(s)" in proc.stdout
-    two, one = load_run(two_dir, "last"), load_run(one_dir, "last")
-    for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)  # measured max < 1e-5
-    # BN running statistics: max difference 1e-4 (convs) and 9.9e-4 (the hidden layer's BN, whose inputs are sums of
-    # 4096 terms) in 2026-12 measurements; parameters agree to < 1e-5
-    for a, b in zip(jax.tree.leaves(two.model_state), jax.tree.leaves(one.model_state)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=3e-3)
-
-
 def test_every_run_directory_gets_curves_png_and_the_start_line_gives_the_eval_cost(reference_run):
     run_dir, _ = reference_run
     path = os.path.join(run_dir, "curves.png")
@@ -180,7 +156,7 @@ def test_every_run_directory_gets_curves_png_and_the_start_line_gives_the_eval_c
     assert matplotlib.image.imread(path).shape[:2] == (360, 1100)  # the whole figure was drawn
     assert not [f for f in os.listdir(run_dir) if f.startswith(".tmp-")]  # written atomically
     log = open(os.path.join(run_dir, "log.txt")).read()
-    assert "per-epoch evaluation ~1.38 x an epoch's cost (over 0.25" in log  # tiny: a test fixture, exempt
+    assert "per-epoch evaluation ~0.75 x an epoch's cost (over 0.25" in log  # tiny: a test fixture, exempt
     assert "eval " in log.split("epoch 1/2:")[1].splitlines()[0]  # the epoch line gives the evaluation's time
 
 

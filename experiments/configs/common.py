@@ -75,7 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
         extra_path="",       # .npz of extra pseudo-labelled images (images uint8 NHWC, labels) mixed into every batch
         extra_fraction=0.5,  # extra_path's share of each batch (paper 0.5, code 0.7: docs/paper-vs-code.md#unlabeled)
         label_noise=0.0,     # share tau of training labels redrawn once, fixed per example (paper: 0.1 ... 0.5)
-        synthetic_train=2560, synthetic_test=1024,
+        synthetic_train=2560, synthetic_test=1024,  # dataset "synthetic": training and test images
+        synthetic_image_size=32,                    # and their side (a multiple of 8)
     ))
 
     c.train = ml_collections.ConfigDict(dict(
@@ -124,7 +125,7 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     * ``smoke``: the README's offline first run: small CNN (with BN) on generated synthetic data (NOT CIFAR-10), 3 short
       epochs of the paper's optimizer and attack, about 2 minutes on a 2-core CPU, compilation included.
     * ``cpu``: small CNN on 10,000 CIFAR-10 training images, 10 epochs (pass --data-dir or have tfds data).
-    * ``tiny``: the test suite's model and data (seconds).
+    * ``tiny``: the test suite's model and data (16x16 synthetic images; seconds).
 
     Every preset but ``tiny`` (a test fixture) keeps the per-epoch evaluation (curves and early stopping) at most a
     quarter of an epoch's cost (``robust_flat.training.monitor.eval_cost``; checked by tests/test_training.py).
@@ -151,11 +152,15 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
             c.checkpoint.snapshot_every = 3
             c.checkpoint.every_steps = 10
         else:
+            # 16x16 images: the suite trains this preset dozens of times, and at 32x32 running the steps costs more
+            # than compiling them. Early stopping uses the curves' attack (PGD-2, one restart, batches of 64), so
+            # both evaluations run one compiled program.
             c.data.synthetic_train, c.data.synthetic_test = 256, 128
+            c.data.synthetic_image_size = 16
             c.train.epochs, c.train.batch_size = 2, 32
             c.attack.steps = 2
             c.eval.n_examples, c.eval.batch_size = 64, 64
-            c.eval.es_restarts = 1
+            c.eval.es_steps, c.eval.es_restarts = 2, 1
             c.checkpoint.every_steps = 3
         return c
     if preset == "cpu":

@@ -151,6 +151,8 @@ def check_config(config) -> list[str]:
     if _get(config, "data.dataset") == "synthetic":
         rule("data.synthetic_train", integer(1), "an integer >= 1")
         rule("data.synthetic_test", integer(1), "an integer >= 1")
+        rule("data.synthetic_image_size", lambda v: _is_int(v) and v >= 8 and v % 8 == 0,
+             "a multiple of 8 (the side of the generated images, e.g. 32)", optional=True)
     # training
     rule("train.epochs", integer(1), "an integer >= 1")
     rule("train.batch_size", integer(1), "an integer >= 1")

@@ -72,7 +72,7 @@ _VOLATILE_KEYS = {("data", "data_dir"), ("debug", "sigkill_at_step"), ("debug", 
 _ADDED_KEYS = {("attack", "tau"): -1, ("data", "label_noise"): 0.0, ("train", "label_smoothing"): 0.0,
                ("ema", "bn_batches"): 0, ("attack", "step_rule"): "fixed", ("data", "autoaugment"): False,
                ("data", "cutout"): 0, ("data", "extra_path"): "", ("data", "extra_fraction"): 0.5,
-               ("model", "whitening"): "cifar10"}
+               ("model", "whitening"): "cifar10", ("data", "synthetic_image_size"): 32}
 
 
 def _flatten(d, prefix=()):
@@ -174,11 +174,9 @@ def _append_jsonl(path: str, record: dict) -> None:
 
 def load_data(config, log):
     d = config.data
-    sizes = (d.synthetic_train, d.synthetic_test)
-    x_train, y_train = data_lib.load_split(d.dataset, "train", d.data_dir or None, d.pixel_scale,
-                                           synthetic_sizes=sizes)
-    x_test, y_test = data_lib.load_split(d.dataset, "test", d.data_dir or None, d.pixel_scale,
-                                         synthetic_sizes=sizes)
+    synthetic = data_lib.synthetic_config(d)
+    x_train, y_train = data_lib.load_split(d.dataset, "train", d.data_dir or None, d.pixel_scale, **synthetic)
+    x_test, y_test = data_lib.load_split(d.dataset, "test", d.data_dir or None, d.pixel_scale, **synthetic)
     if d.train_examples:
         x_train, y_train = x_train[:d.train_examples], y_train[:d.train_examples]
     for split, y in (("training", y_train), ("test", y_test)):  # a test label out of range would give a NaN loss
