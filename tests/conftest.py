@@ -83,10 +83,12 @@ def pytest_configure(config):
 # workers. Only the order changes: a stale entry makes no test fail.
 # test_checkpoint_faults and test_compiles train the preset test_training trains, and come after it: started while
 # test_training still compiles, they would compile the same programs instead of reading them from the cache.
-LONGEST_FIRST = ("test_training.py", "test_torch_import.py", "test_methods.py", "test_checkpoint_faults.py",
-                 "test_compiles.py", "test_notebook.py", "test_distributed.py", "test_flatness.py", "test_weights.py",
-                 "test_pgd.py", "test_hessian.py", "test_models.py", "test_apgd.py", "test_autoattack.py",
-                 "test_landscape.py", "test_robust_loss.py", "test_benchmarks.py", "test_small_cnn_learns.py")
+LONGEST_FIRST = ("test_notebook.py", "test_distributed.py", "test_torch_import.py", "test_training.py",
+                 "test_knobs.py", "test_flatness.py", "test_checkpoint_faults.py", "test_fab.py",
+                 "test_autoaugment.py", "test_ema.py", "test_methods.py", "test_models.py", "test_weights.py",
+                 "test_hessian.py", "test_compiles.py", "test_small_cnn_learns.py", "test_pgd.py",
+                 "test_benchmarks.py", "test_labels.py", "test_report.py", "test_ssl_rotation.py",
+                 "test_models_trees.py", "test_apgd.py", "test_autoattack.py", "test_landscape.py")
 
 
 def pytest_collection_modifyitems(config, items):
