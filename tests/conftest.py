@@ -156,6 +156,8 @@ def run_module(capfd, monkeypatch):
             else:
                 print(e.code, file=sys.stderr)
                 code = 1
+        finally:  # the run's flags (absl names them after the file runpy ran) would clash with a later import
+            _forget_absl_flags(module)
         out, err = capfd.readouterr()
         return subprocess.CompletedProcess(argv, code, out, err)
 

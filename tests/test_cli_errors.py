@@ -414,3 +414,15 @@ def test_a_measuring_entry_point_started_as_a_command(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.run_measure_cli(refused, "flatness", "interrupted")
     assert e.value.code == 2 and capsys.readouterr().err == "error: bad\n"
+
+
+def test_an_entry_point_run_in_process_can_be_imported_afterwards(run_module):
+    """The run_module fixture leaves no absl flags behind: after an in-process run of experiments.cifar10_at (whose
+    flags absl files under the module's path), importing the module defines them again without a clash (a
+    DuplicateFlagError failed whichever test of the same xdist worker imported it next)."""
+    import importlib
+
+    assert run_module("experiments.cifar10_at", "--list").returncode == 0
+    sys.modules.pop("experiments.cifar10_at", None)
+    module = importlib.import_module("experiments.cifar10_at")  # executes the module: defines its flags
+    assert module._CONFIG.name == "config" and module._RUN_DIR.name == "run-dir"
