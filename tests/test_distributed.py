@@ -104,7 +104,7 @@ def test_two_devices_match_one_device(one_device_run, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=3e-3)
 
 
-@pytest.mark.slow  # 135 s on the shared 2-core machine: three CPU processes compile the same step
+@pytest.mark.slow  # 30-45 s on the 2-core machine (four processes, two at a time, import and compile)
 @pytest.mark.timeout(3 * TIMEOUT_S)
 def test_two_processes_match_one_process_and_resume(one_device_run, tmp_path):
     """2 processes x 1 CPU device (both killed mid-epoch, then rerun) vs 1 process x 1 device: params and BN
