@@ -160,13 +160,12 @@ def h1(analysis: Analysis) -> Verdict:
         summary += f" ({len(runs) - len(measured)} not measured)"
     logs = [r for r in res if "log" in r and r["log"]["verdict"] != "not measured"]
     if logs:  # the same rule on the training log, for the runs whose verdict used the robust_loss results
+        log_shows = sum(r["log"]["verdict"] == "shows" for r in logs)
         details += ["", f"The same rule on the training log's per-epoch curves ({correlate.LOG}: every epoch, on the "
                     "trainer's evaluation images with its attack; not part of the verdict), for the runs above whose "
-                    "series are the robust_loss results: "
-                    f"{sum(r['log']['verdict'] == 'shows' for r in logs)} of {len(logs)} show robust overfitting.",
+                    f"series are the robust_loss results: {log_shows} of {len(logs)} show robust overfitting.",
                     ""] + _table(head, [row(r["label"], r["decay"], correlate.LOG, r["log"]) for r in logs])
-        summary += (f" ({sum(r['log']['verdict'] == 'shows' for r in logs)} of {len(logs)} in the per-epoch "
-                    "training log)")
+        summary += f" ({log_shows} of {len(logs)} in the per-epoch training log)"
     return Verdict("H1", verdict, summary, details)
 
 
